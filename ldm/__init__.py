@@ -1,0 +1,1 @@
+"""Fine-tuning Stable Diffusion with PyTorch Lightning, driven by YAML configs."""

@@ -1,0 +1,52 @@
+"""Prompts with fixed seeds, for sampling the same pictures from every checkpoint.
+
+Each item's seed is ``seed + index`` and never changes, so sample grids logged at different steps
+differ only because the weights changed; comparing them is the point of a validation prompt set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch.utils.data import Dataset
+
+from ldm.util import ConfigError
+
+
+class TextOnly(Dataset):
+    """Items ``{"caption": str, "seed": int}``; each caption appears ``n_per_caption`` times with its own seed.
+
+    ``output_size`` is not part of the items; it tells whoever samples from these prompts what size to draw.
+    """
+
+    def __init__(
+        self,
+        captions: Sequence[str] | None = None,
+        caption_file: str | None = None,
+        seed: int = 0,
+        n_per_caption: int = 1,
+        output_size: int = 512,
+    ) -> None:
+        prompts = [str(c) for c in captions or []]
+        if caption_file is not None:
+            path = Path(caption_file).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"TextOnly: caption_file '{caption_file}' does not exist")
+            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            where = f"caption_file '{caption_file}'" if caption_file is not None else "captions"
+            raise ConfigError(f"TextOnly: no prompts given ({where} is empty); set captions: [...] or caption_file")
+        if int(n_per_caption) < 1:
+            raise ConfigError(f"TextOnly: n_per_caption must be >= 1, got {n_per_caption}")
+        self.captions = prompts
+        self.seed = int(seed)
+        self.n_per_caption = int(n_per_caption)
+        self.output_size = output_size
+
+    def __len__(self) -> int:
+        return len(self.captions) * self.n_per_caption
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return {"caption": self.captions[i // self.n_per_caption], "seed": self.seed + i}

@@ -1,0 +1,91 @@
+"""Merging YAML configs and command-line overrides, refusing overrides that would be silently ignored."""
+from __future__ import annotations
+
+import difflib
+import inspect
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.util import ConfigError, get_obj_from_str
+
+_MISSING = object()
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError, OSError) as err:  # yaml.YAMLError subclasses ValueError? no: catch below
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # PyYAML's scanner/parser errors
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return cfg
+
+
+def _flat_keys(cfg, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            node = cfg._get_node(k)
+            if isinstance(node, DictConfig):
+                keys += _flat_keys(node, full + ".")
+    return keys
+
+
+def _accepted_by_target(cfg: DictConfig, key: str) -> bool:
+    """True when ``key`` names a new keyword for the class a config block builds (``<block>.params.<name>``),
+    or for Lightning's ``Trainer`` (``lightning.trainer.<name>``)."""
+    parent, _, name = key.rpartition(".")
+    if parent == "lightning.trainer":
+        import pytorch_lightning as pl
+
+        return name in inspect.signature(pl.Trainer.__init__).parameters
+    block, _, last = parent.rpartition(".")
+    if last != "params":
+        return False
+    target = OmegaConf.select(cfg, f"{block}.target" if block else "target", default=None)
+    if target is None:
+        return False
+    try:
+        params = inspect.signature(get_obj_from_str(target)).parameters
+    except (ConfigError, TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
+    """Apply ``a.b.c=value`` overrides. An unknown key is refused with its close matches, unless it is a new
+    keyword of the class its block builds, or the user marks it as a deliberate addition with ``+a.b.c=v``."""
+    known = _flat_keys(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        add = key.startswith("+")
+        key = key.lstrip("+")
+        exists = OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
+        if not (exists or add or _accepted_by_target(cfg, key)):
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"override {key!r} is not a key of the merged config{hint} "
+                              f"(write '+{key}={value}' to add it deliberately)")
+        OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"_v={value}"])._v, merge=True, force_add=True)
+    return cfg
+
+
+def merge_configs(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:
+    """Merge YAML files left to right, then apply overrides."""
+    paths = list(paths)
+    if not paths:
+        raise ConfigError("no config given: pass one or more YAML files with --base")
+    cfg = OmegaConf.merge(*[load_yaml(p) for p in paths])
+    return apply_overrides(cfg, overrides)

@@ -1,0 +1,165 @@
+"""The LatentDiffusion LightningModule: composes a denoiser, a first stage, a conditioner, a noise schedule
+and EMA, and owns the training step, the optimizer and sampling for the image logger and scripts."""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+
+from ldm.models.ema import EMA
+from ldm.models.schedule import NoiseSchedule
+from ldm.models.trainable import select_trainable
+from ldm.sampling import initial_noise, make_scheduler, sample
+from ldm.util import count_params, instantiate_from_config
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Fine-tune (or train) a text- or image-conditioned latent diffusion model.
+
+    Args mirror CompVis's config names where they exist: ``unet_config``, ``first_stage_config``,
+    ``cond_stage_config`` are ``{target, params}`` blocks; ``pretrained`` (a local diffusers pipeline folder)
+    is handed to each of them unless their own params name one; ``timesteps``/``linear_start``/``linear_end``/
+    ``beta_schedule``/``parameterization`` define the noise schedule; ``trainable`` picks the denoiser
+    parameters that train (see ``ldm.models.trainable``); ``use_ema``/``ema_decay`` keep an EMA of them, used
+    for samples when ``sample_with_ema``; ``scheduler_config`` builds an LR multiplier for ``LambdaLR``.
+    """
+
+    def __init__(self, unet_config: dict, first_stage_config: dict, cond_stage_config: dict,
+                 pretrained: str | None = None, first_stage_key: str = "image", cond_stage_key: str = "caption",
+                 timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012,
+                 beta_schedule: str = "scaled_linear", parameterization: str = "eps", snr_gamma: float | None = None,
+                 trainable: str | Sequence[str] = "all", use_ema: bool = False, ema_decay: float = 0.9999,
+                 sample_with_ema: bool = True, scheduler_config: dict | None = None, weight_decay: float = 0.01,
+                 adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.unet = self._build(unet_config, pretrained)
+        self.first_stage_model = self._build(first_stage_config, pretrained)
+        self.cond_stage_model = self._build(cond_stage_config, pretrained)
+        self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
+        self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma)
+        self.trainable_names = select_trainable(self.unet, trainable)
+        self.use_ema, self.sample_with_ema = use_ema, sample_with_ema
+        self.model_ema = EMA(self.unet, ema_decay) if use_ema else None
+        self.scheduler_config = scheduler_config
+        self.learning_rate = 1e-4  # main.py sets the (possibly scaled) base_learning_rate
+        self.monitor = monitor
+        self._ema_step = -1
+
+    @staticmethod
+    def _build(config: dict, pretrained: str | None):
+        params = config.get("params") or {}
+        extra = {"pretrained": pretrained} if pretrained is not None and "pretrained" not in params else {}
+        return instantiate_from_config(config, **extra)
+
+    def summary(self) -> str:
+        parts = {"unet": self.unet, "first stage": self.first_stage_model, "conditioner": self.cond_stage_model}
+        sizes = ", ".join(f"{k} {count_params(m):,}" for k, m in parts.items())
+        return f"LatentDiffusion: {sizes}; trainable {count_params(self, trainable_only=True):,}"
+
+    # ---- training -------------------------------------------------------------------------------------
+    def conditioning(self, batch: dict, drop: torch.Tensor | None = None) -> torch.Tensor:
+        return self.cond_stage_model(batch[self.cond_stage_key], drop)
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None, train: bool = True) -> torch.Tensor:
+        x = batch[self.first_stage_key]
+        z = self.first_stage_model.encode(x, generator)
+        drop = None
+        rate = getattr(self.cond_stage_model, "ucg_rate", 0.0)
+        if train and rate > 0:
+            drop = torch.rand(z.shape[0], device=z.device, generator=generator) < rate
+        context = self.conditioning(batch, drop)
+        noise = torch.randn(z.shape, device=z.device, generator=generator, dtype=z.dtype)
+        t = self.schedule.sample_timesteps(z.shape[0], z.device, generator)
+        z_t = self.schedule.add_noise(z, noise, t)
+        pred = self.unet(z_t, t, encoder_hidden_states=context).sample
+        return self.schedule.loss(pred, self.schedule.target(z, noise, t), t)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.diffusion_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at global step {self.global_step}; stopping "
+                                     "before any checkpoint of this step is written (earlier checkpoints are kept)")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch[self.cond_stage_key]))
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False, logger=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Once per optimizer step, not per micro-batch under gradient accumulation.
+        if self.model_ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.model_ema.update(self.unet)
+
+    def validation_step(self, batch, batch_idx):
+        if self.first_stage_key not in batch:
+            return None  # text-only validation batches are for the image logger
+        # A fixed generator per batch makes val/loss comparable across epochs.
+        gen = torch.Generator(device=self.device).manual_seed(batch_idx)
+        with self.ema_scope():
+            loss = self.diffusion_loss(batch, generator=gen, train=False)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch[self.cond_stage_key]))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.hparams.weight_decay,
+                                betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_eps)
+        if self.scheduler_config is None:
+            return opt
+        lr_lambda = instantiate_from_config(self.scheduler_config)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ---- EMA and sampling -----------------------------------------------------------------------------
+    @contextmanager
+    def ema_scope(self):
+        """Swap EMA weights in for sampling/validation when configured; the training weights come back after."""
+        if self.model_ema is not None and self.sample_with_ema:
+            with self.model_ema.swapped_in(self.unet):
+                yield
+        else:
+            yield
+
+    def default_image_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.first_stage_model.downsample
+
+    @torch.no_grad()
+    def generate(self, captions: Sequence[str], seeds: Sequence[int] | None = None, size: int | tuple | None = None,
+                 sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0, negative_prompt: str = "",
+                 eta: float = 0.0, use_ema: bool = True) -> torch.Tensor:
+        """Sample one image per caption (each with its own seed) and return them in [-1, 1]."""
+        size = size or self.default_image_size()
+        height, width = (size, size) if isinstance(size, int) else size
+        n = len(captions)
+        seeds = list(seeds) if seeds is not None else list(range(n))
+        down = self.first_stage_model.downsample
+        shape = (self.first_stage_model.latent_channels, height // down, width // down)
+        latents = torch.stack([initial_noise(shape, torch.Generator().manual_seed(int(s)), self.device) for s in seeds])
+        scheduler = make_scheduler(sampler, self.schedule.scheduler_config())
+        latents = latents * scheduler.init_noise_sigma
+        cond = self.cond_stage_model(list(captions))
+        uncond = self.cond_stage_model([negative_prompt] * n) if guidance_scale > 1.0 else None
+        denoise = lambda x, t, c: self.unet(x, t, encoder_hidden_states=c).sample
+        scope = self.ema_scope() if use_ema else nullcontext()
+        with scope:
+            z = sample(denoise, scheduler, cond, uncond, latents.shape, steps=steps, guidance_scale=guidance_scale,
+                       eta=eta, generator=torch.Generator().manual_seed(int(seeds[0])), latents=latents)
+        return self.first_stage_model.decode(z).clamp(-1, 1)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict, n: int = 4, **sample_kwargs) -> dict[str, torch.Tensor]:
+        """Images for the logger: inputs and reconstructions when the batch has images, and guided samples."""
+        out = {}
+        captions = list(batch[self.cond_stage_key])[:n]
+        seeds = batch["seed"][:n].tolist() if "seed" in batch else None
+        if self.first_stage_key in batch:
+            x = batch[self.first_stage_key][:n].to(self.device)
+            out["inputs"] = x
+            out["reconstruction"] = self.first_stage_model.decode(self.first_stage_model.encode(x)).clamp(-1, 1)
+            sample_kwargs.setdefault("size", tuple(x.shape[-2:]))
+        scale = sample_kwargs.get("guidance_scale", 3.0)
+        out[f"samples_cfg{scale:g}"] = self.generate(captions, seeds, **sample_kwargs)
+        return out

@@ -1,0 +1,72 @@
+"""First stages: map images in [-1, 1] to the space the denoiser works in, and back."""
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from ldm.models.pretrained import build_or_load
+
+
+class _Frozen(nn.Module):
+    """Always in eval mode and without gradients: Lightning's ``.train()`` calls must not wake it."""
+
+    def freeze(self):
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class AutoencoderKLFirstStage(_Frozen):
+    """The SD VAE, frozen, with the latent scale factor (0.18215 for SD v1, 0.13025 for SDXL).
+
+    Encoding and decoding always run in float32, even under mixed precision: the SD v1 VAE overflows in fp16.
+    """
+
+    def __init__(self, config: dict | None = None, pretrained: str | None = None, subfolder: str = "vae",
+                 scale_factor: float = 0.18215, sample_posterior: bool = True):
+        super().__init__()
+        self.vae = build_or_load(AutoencoderKL, config, pretrained, subfolder)
+        self.scale_factor = scale_factor
+        self.sample_posterior = sample_posterior
+        self.freeze()
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            dist = self.vae.encode(x.float()).latent_dist
+            z = dist.sample(generator) if self.sample_posterior else dist.mode()
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(z.device.type, enabled=False):
+            return self.vae.decode(z.float() / self.scale_factor).sample
+
+
+class IdentityFirstStage(_Frozen):
+    """Pixel-space diffusion: the denoiser sees the images themselves."""
+
+    def __init__(self, channels: int = 3, pretrained: str | None = None):
+        super().__init__()
+        self.latent_channels = channels
+        self.downsample = 1
+        self.scale_factor = 1.0
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z

@@ -103,7 +103,8 @@ class NaNGuard(pl.Callback):
 
 
 class SaveOnInterrupt(pl.Callback):
-    """Write ``<ckpt_dir>/<filename>`` when training is stopped by Ctrl-C or SIGTERM.
+    """Write ``<ckpt_dir>/<filename>`` when training is stopped by Ctrl-C or SIGTERM, and when it ends normally
+    (``max_steps`` may end a run between the epochs at which ModelCheckpoint saves).
 
     The checkpoint is a full one (loops, optimizer, callbacks), so ``Trainer.fit(ckpt_path=...)`` resumes at the
     same global step even mid-epoch. Any other exception, in particular :class:`NonFiniteLossError`, saves
@@ -122,6 +123,9 @@ class SaveOnInterrupt(pl.Callback):
     @property
     def ckpt_path(self) -> str:
         return os.path.join(self.ckpt_dir, self.filename)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        trainer.save_checkpoint(self.ckpt_path)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):

@@ -8,6 +8,7 @@ from typing import Sequence
 import pytorch_lightning as pl
 import torch
 
+from ldm.callbacks.faults import check_finite, last_good_checkpoint
 from ldm.models.ema import EMA
 from ldm.models.schedule import NoiseSchedule
 from ldm.models.trainable import select_trainable
@@ -78,12 +79,9 @@ class LatentDiffusion(pl.LightningModule):
         return self.schedule.loss(pred, self.schedule.target(z, noise, t), t)
 
     def training_step(self, batch, batch_idx):
-        loss = self.diffusion_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at global step {self.global_step}; stopping "
-                                     "before any checkpoint of this step is written (earlier checkpoints are kept)")
+        # Stop before backward and before any checkpoint of this step: earlier checkpoints stay good.
+        loss = check_finite(self.diffusion_loss(batch), self.global_step, last_good_checkpoint(self.trainer))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch[self.cond_stage_key]))
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False, logger=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):

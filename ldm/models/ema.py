@@ -57,3 +57,11 @@ class EMA(nn.Module):
             with torch.no_grad():
                 for name, value in backup.items():
                     params[name].copy_(value)
+
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """Restart the average at ``model``'s current weights (after loading pretrained weights)."""
+        params = dict(model.named_parameters())
+        for name, buf in self.names.items():
+            getattr(self, buf).copy_(params[name].detach().float())
+        self.num_updates.zero_()

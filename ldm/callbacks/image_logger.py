@@ -1,0 +1,92 @@
+"""Sample grids during training: inputs, reconstructions and guided samples, saved under ``images/``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+from PIL import Image
+from pytorch_lightning.utilities import rank_zero_only
+
+
+def to_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """(B,3,H,W) in [-1, 1] → an HxWx3 uint8 grid."""
+    grid = torchvision.utils.make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+class ImageLogger(pl.Callback):
+    """Log image grids every ``batch_frequency`` training steps and for the first ``max_val_batches`` validation
+    batches (including text-only prompt batches, each sampled with its own fixed seed).
+
+    Sampling settings (``sampler``, ``steps``, ``guidance_scale``, ``negative_prompt``, ``eta``) default to a fast
+    50-step DDIM; samples use EMA weights when the model is configured to. Grids go to
+    ``<logdir>/images/{train,val}/{key}_gs-{step:06}_e-{epoch:06}_b-{batch:06}.png`` and to TensorBoard and
+    Weights & Biases when those loggers are on.
+    """
+
+    def __init__(self, logdir: str, batch_frequency: int = 500, max_images: int = 4, nrow: int | None = None,
+                 log_first_step: bool = False, log_on_validation: bool = True, max_val_batches: int = 4,
+                 sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0, negative_prompt: str = "",
+                 eta: float = 0.0, size: int | None = None, disabled: bool = False):
+        super().__init__()
+        self.logdir = Path(logdir)
+        self.batch_frequency, self.max_images, self.nrow = batch_frequency, max_images, nrow
+        self.log_first_step, self.log_on_validation, self.max_val_batches = log_first_step, log_on_validation, max_val_batches
+        self.sample_kwargs = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale,
+                              "negative_prompt": negative_prompt, "eta": eta}
+        if size is not None:
+            self.sample_kwargs["size"] = size
+        self.disabled = disabled
+        self._last_step = -1
+
+    def _due(self, step: int) -> bool:
+        """Due after every ``batch_frequency``-th optimizer step (and after the first one with ``log_first_step``)."""
+        if step == self._last_step or step == 0:
+            return False
+        return (self.batch_frequency > 0 and step % self.batch_frequency == 0) or (self.log_first_step and step == 1)
+
+    @rank_zero_only
+    def log_batch(self, trainer, pl_module, batch, batch_idx: int, split: str) -> dict[str, Path]:
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                images = pl_module.log_images(batch, n=self.max_images, **self.sample_kwargs)
+        finally:
+            pl_module.train(was_training)
+        written = {}
+        folder = self.logdir / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        step, epoch = pl_module.global_step, pl_module.current_epoch
+        for key, value in images.items():
+            grid = to_grid(value, self.nrow or len(value))
+            path = folder / f"{key}_gs-{step:06}_e-{epoch:06}_b-{batch_idx:06}.png"
+            Image.fromarray(grid).save(path)
+            written[key] = path
+            self._to_loggers(trainer, f"{split}/{key}", grid, step, batch)
+        return written
+
+    @staticmethod
+    def _to_loggers(trainer, tag: str, grid: np.ndarray, step: int, batch) -> None:
+        from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(tag, grid, step, dataformats="HWC")
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(key=tag, images=[grid], step=step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Under gradient accumulation several batches share one global step; log once per step.
+        if not self.disabled and self._due(pl_module.global_step):
+            self._last_step = pl_module.global_step
+            self.log_batch(trainer, pl_module, batch, batch_idx, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.disabled or not self.log_on_validation or trainer.sanity_checking:
+            return
+        if batch_idx < self.max_val_batches:
+            self.log_batch(trainer, pl_module, batch, batch_idx, "val")

@@ -1,0 +1,33 @@
+"""Create the run directory and write the resolved configs into it before training starts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+
+class SetupCallback(pl.Callback):
+    """Writes ``<logdir>/configs/<now>-project.yaml`` (model + data) and ``<now>-lightning.yaml``.
+
+    A resumed run gets new files with its own timestamp, so the history of what was run is kept.
+    """
+
+    def __init__(self, logdir: str, now: str, config: dict, lightning_config: dict, resume: bool = False):
+        super().__init__()
+        self.logdir = Path(logdir)
+        self.now, self.config, self.lightning_config, self.resume = now, config, lightning_config, resume
+
+    @rank_zero_only
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for sub in ("checkpoints", "configs", "images/train", "images/val"):
+            (self.logdir / sub).mkdir(parents=True, exist_ok=True)
+        cfgdir = self.logdir / "configs"
+        OmegaConf.save(OmegaConf.create(self.config), cfgdir / f"{self.now}-project.yaml", resolve=True)
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}), cfgdir / f"{self.now}-lightning.yaml",
+                       resolve=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Scripts rebuild the model from the checkpoint alone (sampling, export), so it carries its config.
+        checkpoint["config"] = self.config

@@ -1,0 +1,133 @@
+"""Wire a merged config into Lightning: loggers, callbacks, trainer, learning rate, then fit and test."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.util import ConfigError, instantiate_from_config
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+
+
+def _wandb_without_prompt() -> None:
+    """W&B must never wait on a login prompt: without credentials it logs offline (sync later with `wandb sync`)."""
+    netrc = Path.home() / ".netrc"
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    if not logged_in and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        print("W&B: no credentials found, logging offline (upload later with `wandb sync`)")
+
+
+def build_loggers(cfg: dict, logdir: Path) -> list:
+    """``lightning.logger``: one ``{target, params}`` block or named blocks. CSV is always on (the loss curve reads it)."""
+    blocks = {"csv": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "", "version": ""}}}
+    if cfg:
+        blocks.update({"logger": cfg} if "target" in cfg else cfg)
+    loggers = []
+    for name, block in blocks.items():
+        if not block:
+            continue
+        params = dict(block.get("params") or {})
+        if "WandbLogger" in block["target"]:
+            _wandb_without_prompt()
+            params.setdefault("save_dir", str(logdir))
+            params.setdefault("name", logdir.name)
+        else:
+            params.setdefault("save_dir", str(logdir))
+        loggers.append(instantiate_from_config({"target": block["target"], "params": params}))
+    return loggers
+
+
+def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: dict, resume: bool) -> dict:
+    ckptdir = str(logdir / "checkpoints")
+    checkpoint = {"dirpath": ckptdir, "filename": "{epoch:06}", "save_last": True, "save_top_k": -1,
+                  "every_n_epochs": 1, "verbose": True}
+    checkpoint.update(_plain(lightning_config.get("modelcheckpoint", {})).get("params", {}))
+    return {
+        "setup_callback": {"target": "ldm.callbacks.setup.SetupCallback",
+                           "params": {"logdir": str(logdir), "now": now, "config": config,
+                                      "lightning_config": lightning_config, "resume": resume}},
+        "image_logger": {"target": "ldm.callbacks.image_logger.ImageLogger", "params": {"logdir": str(logdir)}},
+        "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
+                                 "params": {"logging_interval": "step"}},
+        "checkpoint": {"target": "pytorch_lightning.callbacks.ModelCheckpoint", "params": checkpoint},
+        "nan_guard": {"target": "ldm.callbacks.faults.NaNGuard"},
+        "save_on_interrupt": {"target": "ldm.callbacks.faults.SaveOnInterrupt", "params": {"ckpt_dir": ckptdir}},
+        "loss_curve": {"target": "ldm.callbacks.loss_curve.LossCurve", "params": {"logdir": str(logdir)}},
+    }
+
+
+def build_callbacks(lightning_config: dict, defaults: dict) -> list:
+    """Config ``lightning.callbacks.<name>`` blocks update the defaults of the same name or add new ones."""
+    merged = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(_plain(lightning_config.get("callbacks", {}))))
+    return [instantiate_from_config(block) for block in _plain(merged).values() if block]
+
+
+def trainer_kwargs(trainer_cfg: dict, gpus: str | None, num_nodes: int) -> dict:
+    kwargs = {"accelerator": "auto", "devices": 1, "num_nodes": num_nodes}
+    kwargs.update(trainer_cfg)
+    if gpus is not None:
+        ids = [int(g) for g in str(gpus).replace(" ", "").strip(",").split(",") if g != ""]
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--gpus {gpus}: no CUDA GPU is visible here; to train on the CPU drop --gpus "
+                              "(or set lightning.trainer.accelerator=cpu lightning.trainer.devices=N for N processes)")
+        if any(i >= torch.cuda.device_count() for i in ids):
+            raise ConfigError(f"--gpus {gpus}: only {torch.cuda.device_count()} GPU(s) visible (ids 0..{torch.cuda.device_count() - 1})")
+        kwargs.update(accelerator="gpu", devices=ids)
+        if len(ids) > 1 or num_nodes > 1:
+            kwargs.setdefault("strategy", "ddp")
+    return kwargs
+
+
+def learning_rate(model, data, trainer, base_lr: float, scale: bool) -> float:
+    accumulate = trainer.accumulate_grad_batches
+    devices, nodes, batch = trainer.num_devices, trainer.num_nodes, data.batch_size
+    if not scale:
+        print(f"learning rate {base_lr:.2e} (not scaled; --scale_lr true multiplies it by accumulate x devices x nodes x batch)")
+        return base_lr
+    lr = accumulate * devices * nodes * batch * base_lr
+    print(f"learning rate {lr:.2e} = {accumulate} (accumulate) x {devices} (devices) x {nodes} (nodes) x {batch} (batch) x {base_lr:.2e} (base)")
+    return lr
+
+
+def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | None) -> int:
+    import pytorch_lightning as pl
+
+    from ldm.callbacks.checkpoint_io import AtomicCheckpointIO
+    from ldm.weights import load_weights
+
+    lightning_config = _plain(config.pop("lightning", OmegaConf.create()))
+    for section in ("model", "data"):
+        if section not in config:
+            raise ConfigError(f"the merged config has no '{section}' section (sections found: {sorted(config)})")
+    project = _plain(config)
+    pl.seed_everything(args.seed, workers=True)
+
+    data = instantiate_from_config(project["data"])
+    model = instantiate_from_config(project["model"])
+    if args.finetune_from:
+        print(load_weights(model, args.finetune_from))
+    print(model.summary())
+
+    loggers = build_loggers(_plain(lightning_config.get("logger", {})), logdir)
+    callbacks = build_callbacks(lightning_config,
+                                default_callbacks(logdir, now, project, lightning_config, resume_ckpt is not None))
+    kwargs = trainer_kwargs(_plain(lightning_config.get("trainer", {})), args.gpus, args.num_nodes)
+    trainer = pl.Trainer(default_root_dir=str(logdir), logger=loggers, callbacks=callbacks,
+                         plugins=[AtomicCheckpointIO()], **kwargs)
+    model.learning_rate = learning_rate(model, data, trainer, float(project["model"].get("base_learning_rate", 1e-4)),
+                                        args.scale_lr)
+    if trainer.is_global_zero:
+        print(f"run dir: {logdir}")
+    if args.train:
+        trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    if not args.no_test and "test" in getattr(data, "datasets", {}) and not trainer.interrupted:
+        trainer.test(model, data)
+    if not args.train and "validation" in getattr(data, "datasets", {}):
+        trainer.validate(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    return 0

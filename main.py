@@ -86,7 +86,7 @@ def resolve_resume(resume: str) -> tuple[Path, Path, list[Path]]:
 
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
-    from ldm.config import merge_configs  # heavy imports after --help and argument errors
+    from ldm.config import check_targets, merge_configs  # heavy imports after --help and argument errors
 
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     ckpt = None
@@ -105,6 +105,7 @@ def run(argv: list[str]) -> int:
         logdir = Path(os.environ.get(RUN_DIR_ENV) or root / f"{now}_{name}")
     os.environ[RUN_DIR_ENV] = str(logdir)
     config = merge_configs(base, args.overrides)
+    check_targets(config)
 
     from ldm.launch import train
 
@@ -121,6 +122,15 @@ def main() -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        if not debug:
+            raise
+        import pdb
+        import traceback
+
+        traceback.print_exc()
+        pdb.post_mortem()
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,21 @@ def merge_configs(paths: Iterable[str | Path], overrides: Iterable[str] = ()) ->
         raise ConfigError("no config given: pass one or more YAML files with --base")
     cfg = OmegaConf.merge(*[load_yaml(p) for p in paths])
     return apply_overrides(cfg, overrides)
+
+
+def check_targets(cfg, where: str = "") -> None:
+    """Import every ``target`` in the config up front, so a typo in a callback stops the run before a
+    multi-gigabyte model has been loaded, with one line naming the key."""
+    if isinstance(cfg, DictConfig):
+        items = ((str(k), cfg._get_node(k)) for k in cfg.keys())
+    else:
+        return
+    for key, node in items:
+        path = f"{where}.{key}" if where else key
+        if key == "target" and isinstance(node._value(), str):
+            try:
+                get_obj_from_str(node._value())
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from err
+        else:
+            check_targets(node, path)

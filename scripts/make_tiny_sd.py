@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Write a randomly initialised, SD-v1-shaped Stable Diffusion pipeline folder (diffusers layout).
+
+The folder is what ``StableDiffusionPipeline.save_pretrained`` writes: unet/, vae/, text_encoder/, tokenizer/,
+scheduler/ and model_index.json (no safety checker, no feature extractor). Real weights cannot be downloaded
+everywhere; a folder with the same layout and classes lets every code path that reads weights run offline:
+
+    python scripts/make_tiny_sd.py --out models/tiny-sd
+    python main.py -t --base configs/tiny/tiny-sd.yaml configs/tiny/tiny-train.yaml \\
+        model.params.pretrained=models/tiny-sd data.params.train.params.root=<image folder>
+    python main.py -t --base ... --finetune_from models/tiny-sd
+
+The networks are built by the project's own LatentDiffusion from a config's ``model`` section (the same
+classes and architecture that training uses), then saved with diffusers/transformers ``save_pretrained``.
+So ``model.params.pretrained=<out>`` with that config loads the folder back, and
+``StableDiffusionPipeline.from_pretrained(<out>)`` loads it too. The tokenizer is OpenAI CLIP's, rebuilt
+offline (ldm/models/tokenizer.py); the scheduler is PNDM with SD v1's published settings.
+
+``--full-size`` uses configs/pokemon.yaml's model section instead: real SD v1 shapes (about 1.07 billion
+parameters, 4.3 GB on disk), random weights.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python scripts/make_tiny_sd.py` from anywhere: import this project's ldm
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never wait on the Hub
+
+from ldm.util import ConfigError  # noqa: E402
+
+TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-sd.yaml"
+FULL_CONFIG = ROOT / "configs" / "pokemon.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="make_tiny_sd.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (e.g. models/tiny-sd)")
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help=f"config whose model section gives the architecture (default: {TINY_CONFIG.relative_to(ROOT)})")
+    p.add_argument("--full-size", action="store_true",
+                   help=f"use {FULL_CONFIG.relative_to(ROOT)}'s SD v1 architecture (4.3 GB written)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
+    p.add_argument("--force", action="store_true", help="write into --out even if it already holds files")
+    return p
+
+
+def model_config(path: Path) -> dict:
+    """The ``model`` section of ``path`` with ``pretrained`` cleared: the architecture alone."""
+    from omegaconf import OmegaConf
+
+    from ldm.config import load_yaml
+
+    cfg = load_yaml(path)
+    if "model" not in cfg:
+        raise ConfigError(f"config {str(path)!r} has no 'model' section")
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model.setdefault("params", {})["pretrained"] = None
+    model["params"]["use_ema"] = False  # the folder holds no EMA; skip its copy of the UNet (3.4 GB at SD v1 size)
+    for block in ("unet_config", "first_stage_config", "cond_stage_config"):
+        if (model["params"].get(block) or {}).get("params", {}).get("pretrained"):
+            raise ConfigError(f"{block} in {str(path)!r} names its own pretrained folder; give an architecture-only config")
+    return model
+
+
+def make_pipeline_folder(config: Path, out: Path, seed: int = 0, force: bool = False) -> Path:
+    """Build ``config``'s LatentDiffusion with random weights and save it as a StableDiffusionPipeline folder."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.models.first_stage import AutoencoderKLFirstStage
+    from ldm.models.tokenizer import write_clip_vocab
+    from ldm.sampling import make_scheduler
+    from ldm.util import instantiate_from_config
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{str(out)!r} already holds files; pass --force to overwrite them")
+    cfg = model_config(config)
+    print(f"building the model section of {config} with seed {seed} ...", flush=True)
+    start = time.time()
+    torch.manual_seed(seed)
+    model = instantiate_from_config(cfg)
+    print(f"  {model.summary()} ({time.time() - start:.1f} s)")
+    if not isinstance(model.first_stage_model, AutoencoderKLFirstStage):
+        raise ConfigError("a StableDiffusionPipeline needs the AutoencoderKL first stage "
+                          f"(ldm.models.first_stage.AutoencoderKLFirstStage), not {type(model.first_stage_model).__name__}")
+    first_stage = model.first_stage_model
+    # The pipeline reads the latent scale from the VAE config; keep it equal to the YAML's scale_factor.
+    first_stage.vae.register_to_config(scaling_factor=first_stage.scale_factor)
+    conditioner = model.cond_stage_model
+    pipe = StableDiffusionPipeline(
+        vae=first_stage.vae, text_encoder=conditioner.transformer, tokenizer=conditioner.tokenizer, unet=model.unet,
+        # SD v1 ships PNDM (PLMS) with its schedule: steps_offset 1, set_alpha_to_one false, skip_prk_steps.
+        scheduler=make_scheduler("pndm", model.schedule.scheduler_config()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    print(f"writing {out} ...", flush=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; SD folders also carry the BPE files that older loaders read.
+    write_clip_vocab(out / "tokenizer")
+    for sub in sorted(p for p in out.iterdir() if p.is_dir()):
+        size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
+        print(f"  {sub.name + '/':16s}{size / 2**20:10.1f} MiB")
+    print(f"done in {time.time() - start:.1f} s; load it with model.params.pretrained={out} "
+          f"(and --base {config}) or StableDiffusionPipeline.from_pretrained({str(out)!r})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.full_size and args.config:
+        print("error: --full-size and --config exclude each other (--full-size means --config configs/pokemon.yaml)",
+              file=sys.stderr)
+        return 2
+    config = Path(args.config) if args.config else FULL_CONFIG if args.full_size else TINY_CONFIG
+    try:
+        make_pipeline_folder(config, Path(args.out), args.seed, args.force)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -125,7 +125,10 @@ class SaveOnInterrupt(pl.Callback):
         return os.path.join(self.ckpt_dir, self.filename)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        trainer.save_checkpoint(self.ckpt_path)
+        # Skip when ModelCheckpoint already wrote this step: at SD size a checkpoint is over 10 GB.
+        saved_steps = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
+        if trainer.global_step not in saved_steps:
+            trainer.save_checkpoint(self.ckpt_path)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):

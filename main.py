@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML configs, merged left to right; later files win")
     p.add_argument("-n", "--name", default="", help="run name suffix (default: the last config's file name)")
     p.add_argument("-r", "--resume", default="", metavar="RUN_DIR|CKPT",
-                   help="continue a run: global step, epoch, optimizer, LR schedule and EMA are restored")
+                   help="continue a run (implies -t): global step, epoch, optimizer, LR schedule and EMA are restored")
     p.add_argument("--finetune_from", default="", metavar="PATH",
                    help="initialise weights (only) from a checkpoint or diffusers folder; missing/unexpected keys are summarised")
     p.add_argument("-l", "--logdir", default="logs", help="where run directories are created (default: logs)")
@@ -95,6 +95,7 @@ def run(argv: list[str]) -> int:
             raise ConfigError("--resume and --finetune_from exclude each other: resume continues a run, "
                               "finetune_from starts a new one from weights")
         logdir, ckpt, saved = resolve_resume(args.resume)
+        args.train = True  # a run is resumed to go on training; to only evaluate weights use --finetune_from
         base = saved + [Path(b) for b in args.base]
     else:
         if not args.base:

@@ -87,8 +87,12 @@ def merge_configs(paths: Iterable[str | Path], overrides: Iterable[str] = ()) ->
     paths = list(paths)
     if not paths:
         raise ConfigError("no config given: pass one or more YAML files with --base")
-    cfg = OmegaConf.merge(*[load_yaml(p) for p in paths])
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(OmegaConf.merge(*[load_yaml(p) for p in paths]), overrides)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required but not set ('???' in the config); "
+                          f"add {missing[0]}=<value> to the command line")
+    return cfg
 
 
 def check_targets(cfg, where: str = "") -> None:

@@ -1,7 +1,10 @@
 """Wire a merged config into Lightning: loggers, callbacks, trainer, learning rate, then fit and test."""
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -24,8 +27,9 @@ def _wandb_without_prompt() -> None:
 
 
 def build_loggers(cfg: dict, logdir: Path) -> list:
-    """``lightning.logger``: one ``{target, params}`` block or named blocks. CSV is always on (the loss curve reads it)."""
-    blocks = {"csv": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "", "version": ""}}}
+    """``lightning.logger``: one ``{target, params}`` block or named blocks. CSV is always on (the loss curve reads
+    it; a resumed run appends to it)."""
+    blocks = {"csv": {"target": "ldm.callbacks.csv_logger.HistoryCSVLogger", "params": {"name": "", "version": ""}}}
     if cfg:
         blocks.update({"logger": cfg} if "target" in cfg else cfg)
     loggers = []
@@ -69,6 +73,15 @@ def build_callbacks(lightning_config: dict, defaults: dict) -> list:
 
 
 def trainer_kwargs(trainer_cfg: dict, gpus: str | None, num_nodes: int) -> dict:
+    import pytorch_lightning as pl
+
+    # A '+lightning.trainer.x=1' override gets past the config layer; Trainer would then fail with a traceback.
+    accepted = inspect.signature(pl.Trainer.__init__).parameters
+    for key in trainer_cfg:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, [k for k in accepted if k != "self"], n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"lightning.trainer.{key} is not an argument of pytorch_lightning.Trainer{hint}")
     kwargs = {"accelerator": "auto", "devices": 1, "num_nodes": num_nodes}
     kwargs.update(trainer_cfg)
     if gpus is not None:
@@ -98,6 +111,8 @@ def learning_rate(model, data, trainer, base_lr: float, scale: bool) -> float:
 def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | None) -> int:
     import pytorch_lightning as pl
 
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+
     from ldm.callbacks.checkpoint_io import AtomicCheckpointIO
     from ldm.weights import load_weights
 
@@ -106,9 +121,15 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
         if section not in config:
             raise ConfigError(f"the merged config has no '{section}' section (sections found: {sorted(config)})")
     project = _plain(config)
-    pl.seed_everything(args.seed, workers=True)
+    # Checked before the (possibly multi-GB) model is built, so --gpus/trainer mistakes fail fast.
+    kwargs = trainer_kwargs(_plain(lightning_config.get("trainer", {})), args.gpus, args.num_nodes)
+    pl.seed_everything(args.seed, workers=True, verbose=False)  # Lightning's own line would go to stderr
+    print(f"seed {args.seed}")
 
     data = instantiate_from_config(project["data"])
+    if not args.train and not {"validation", "test"} & set(getattr(data, "datasets", {})):
+        raise ConfigError("nothing to do: without -t main.py only validates and tests, and the data has no "
+                          "validation or test split; add -t to train")
     model = instantiate_from_config(project["model"])
     if args.finetune_from:
         print(load_weights(model, args.finetune_from))
@@ -117,15 +138,24 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
     loggers = build_loggers(_plain(lightning_config.get("logger", {})), logdir)
     callbacks = build_callbacks(lightning_config,
                                 default_callbacks(logdir, now, project, lightning_config, resume_ckpt is not None))
-    kwargs = trainer_kwargs(_plain(lightning_config.get("trainer", {})), args.gpus, args.num_nodes)
-    trainer = pl.Trainer(default_root_dir=str(logdir), logger=loggers, callbacks=callbacks,
-                         plugins=[AtomicCheckpointIO()], **kwargs)
+    try:
+        trainer = pl.Trainer(default_root_dir=str(logdir), logger=loggers, callbacks=callbacks,
+                             plugins=[AtomicCheckpointIO()], **kwargs)
+    except (MisconfigurationException, ValueError) as err:  # e.g. accelerator=gpu without a GPU, devices=0
+        keys = ("accelerator", "devices", "strategy", "num_nodes")
+        placement = ", ".join(f"{k}={kwargs[k]}" for k in keys if k in kwargs)
+        raise ConfigError(f"lightning.trainer ({placement}): {' '.join(str(err).split())}") from err
     model.learning_rate = learning_rate(model, data, trainer, float(project["model"].get("base_learning_rate", 1e-4)),
                                         args.scale_lr)
     if trainer.is_global_zero:
         print(f"run dir: {logdir}")
     if args.train:
-        trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        try:
+            trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        except SIGTERMException:
+            # Lightning raises SystemExit(None) here (exit status 0) after SaveOnInterrupt wrote last.ckpt;
+            # job schedulers and shells must see that the run was stopped, as a shell reports a SIGTERM.
+            return 128 + signal.SIGTERM
     if not args.no_test and "test" in getattr(data, "datasets", {}) and not trainer.interrupted:
         trainer.test(model, data)
     if not args.train and "validation" in getattr(data, "datasets", {}):

@@ -9,6 +9,7 @@ from typing import Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.callbacks import IMPLICIT_TARGETS
 from ldm.util import ConfigError, get_obj_from_str
 
 _MISSING = object()
@@ -41,25 +42,25 @@ def _flat_keys(cfg, prefix: str = "") -> list[str]:
     return keys
 
 
-def _accepted_by_target(cfg: DictConfig, key: str) -> bool:
-    """True when ``key`` names a new keyword for the class a config block builds (``<block>.params.<name>``),
-    or for Lightning's ``Trainer`` (``lightning.trainer.<name>``)."""
-    parent, _, name = key.rpartition(".")
+def _keywords_of_parent(cfg: DictConfig, key: str) -> tuple[list[str], bool]:
+    """The keyword names the class behind ``key``'s block accepts (``<block>.params.<name>``, or Lightning's
+    ``Trainer`` for ``lightning.trainer.<name>``), and whether it also takes ``**kwargs``."""
+    parent, _, _ = key.rpartition(".")
     if parent == "lightning.trainer":
         import pytorch_lightning as pl
 
-        return name in inspect.signature(pl.Trainer.__init__).parameters
+        return [n for n in inspect.signature(pl.Trainer.__init__).parameters if n != "self"], False
     block, _, last = parent.rpartition(".")
     if last != "params":
-        return False
-    target = OmegaConf.select(cfg, f"{block}.target" if block else "target", default=None)
+        return [], False
+    target = OmegaConf.select(cfg, f"{block}.target" if block else "target", default=None) or IMPLICIT_TARGETS.get(block)
     if target is None:
-        return False
+        return [], False
     try:
         params = inspect.signature(get_obj_from_str(target)).parameters
     except (ConfigError, TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return [], False
+    return list(params), any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
@@ -73,8 +74,11 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
         add = key.startswith("+")
         key = key.lstrip("+")
         exists = OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING
-        if not (exists or add or _accepted_by_target(cfg, key)):
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+        keywords, any_keyword = _keywords_of_parent(cfg, key)
+        if not (exists or add or any_keyword or key.rpartition(".")[2] in keywords):
+            parent = key.rpartition(".")[0]
+            candidates = list(dict.fromkeys(known + [f"{parent}.{k}" for k in keywords]))
+            close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.75)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise ConfigError(f"override {key!r} is not a key of the merged config{hint} "
                               f"(write '+{key}={value}' to add it deliberately)")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.callbacks import DEFAULT_TARGETS
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -50,20 +51,21 @@ def build_loggers(cfg: dict, logdir: Path) -> list:
 def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: dict, resume: bool) -> dict:
     ckptdir = str(logdir / "checkpoints")
     checkpoint = {"dirpath": ckptdir, "filename": "{epoch:06}", "save_last": True, "save_top_k": -1,
-                  "every_n_epochs": 1, "verbose": True}
+                  "every_n_epochs": 1, "verbose": True,
+                  # Run dirs are unique, so an existing last.ckpt is this run's own (resumed): overwrite, never last-v1.
+                  "enable_version_counter": False}
     checkpoint.update(_plain(lightning_config.get("modelcheckpoint", {})).get("params", {}))
-    return {
-        "setup_callback": {"target": "ldm.callbacks.setup.SetupCallback",
-                           "params": {"logdir": str(logdir), "now": now, "config": config,
-                                      "lightning_config": lightning_config, "resume": resume}},
-        "image_logger": {"target": "ldm.callbacks.image_logger.ImageLogger", "params": {"logdir": str(logdir)}},
-        "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
-                                 "params": {"logging_interval": "step"}},
-        "checkpoint": {"target": "pytorch_lightning.callbacks.ModelCheckpoint", "params": checkpoint},
-        "nan_guard": {"target": "ldm.callbacks.faults.NaNGuard"},
-        "save_on_interrupt": {"target": "ldm.callbacks.faults.SaveOnInterrupt", "params": {"ckpt_dir": ckptdir}},
-        "loss_curve": {"target": "ldm.callbacks.loss_curve.LossCurve", "params": {"logdir": str(logdir)}},
+    params = {
+        "setup_callback": {"logdir": str(logdir), "now": now, "config": config, "lightning_config": lightning_config,
+                           "resume": resume},
+        "image_logger": {"logdir": str(logdir)},
+        "learning_rate_logger": {"logging_interval": "step"},
+        "checkpoint": checkpoint,
+        "nan_guard": {},
+        "save_on_interrupt": {"ckpt_dir": ckptdir},
+        "loss_curve": {"logdir": str(logdir)},
     }
+    return {name: {"target": target, "params": params[name]} for name, target in DEFAULT_TARGETS.items()}
 
 
 def build_callbacks(lightning_config: dict, defaults: dict) -> list:

@@ -128,7 +128,7 @@ class SaveOnInterrupt(pl.Callback):
         # Skip when ModelCheckpoint already wrote this step: at SD size a checkpoint is over 10 GB.
         saved_steps = {getattr(cb, "_last_global_step_saved", None) for cb in trainer.checkpoint_callbacks}
         if trainer.global_step not in saved_steps:
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
@@ -142,7 +142,7 @@ class SaveOnInterrupt(pl.Callback):
             return
         try:
             # Every rank must call this: strategies gather sharded state and barrier inside save_checkpoint.
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         except Exception:
             # Raising from on_exception would skip Lightning's teardown and hide the interrupt itself.
             log.exception("could not write %s while stopping", self.ckpt_path)

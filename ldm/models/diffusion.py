@@ -81,9 +81,11 @@ class LatentDiffusion(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         # Stop before backward and before any checkpoint of this step: earlier checkpoints stay good.
         loss = check_finite(self.diffusion_loss(batch), self.global_step, last_good_checkpoint(self.trainer))
-        # sync_dist: under DDP the logged loss is the mean over all ranks, not rank 0's shard alone.
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
-                 batch_size=len(batch[self.cond_stage_key]))
+        # The per-step value is this rank's (an all-reduce every step would stall multi-GPU training);
+        # the epoch mean is averaged over all ranks, once per epoch.
+        n = len(batch[self.cond_stage_key])
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):

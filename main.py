@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run (implies -t): global step, epoch, optimizer, LR schedule and EMA are restored")
     p.add_argument("--finetune_from", default="", metavar="PATH",
                    help="initialise weights (only) from a checkpoint or diffusers folder; missing/unexpected keys are summarised")
+    p.add_argument("--finetune_ema", action="store_true",
+                   help="with --finetune_from: start the UNet from the file's EMA weights when it has them (default: raw)")
     p.add_argument("-l", "--logdir", default="logs", help="where run directories are created (default: logs)")
     p.add_argument("-s", "--seed", type=int, default=23, help="global seed (default: 23)")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,

@@ -134,7 +134,7 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
                           "validation or test split; add -t to train")
     model = instantiate_from_config(project["model"])
     if args.finetune_from:
-        print(load_weights(model, args.finetune_from))
+        print(load_weights(model, args.finetune_from, ema=args.finetune_ema))
     print(model.summary())
 
     loggers = build_loggers(_plain(lightning_config.get("logger", {})), logdir)

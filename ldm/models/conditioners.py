@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ldm.models.pretrained import build_or_load
 from ldm.models.tokenizer import clip_tokenizer
+from ldm.util import ConfigError
 
 
 class CLIPTextConditioner(nn.Module):
@@ -72,3 +74,100 @@ class CLIPTextConditioner(nn.Module):
 
     def unconditional(self, batch_size: int) -> torch.Tensor:
         return self(["" for _ in range(batch_size)])
+
+
+# OpenAI CLIP's normalisation (the values in every CLIP ViT's preprocessor_config.json).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_image_preprocess(images: torch.Tensor, size: int = 224, interpolation: str = "bicubic",
+                          antialias: bool = True, mean: Sequence[float] = CLIP_MEAN,
+                          std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """(B,C,H,W) images in [-1, 1] → CLIP pixel values: shortest side resized to ``size``, centre-cropped to
+    ``size``×``size``, then normalised with ``mean``/``std``.
+
+    Done in torch on the model's device, so training and sampling run literally the same code; ``interpolation``
+    and ``antialias`` are explicit because a train/sample mismatch there (the original recipe trained without
+    antialias and sampled with it) silently blurs every variation.
+    """
+    x = (images.float() + 1) / 2
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        aa = antialias and interpolation in ("bilinear", "bicubic")  # torch supports antialias for these two only
+        kwargs = {} if interpolation in ("nearest", "area") else {"align_corners": False}
+        x = F.interpolate(x, size=(new_h, new_w), mode=interpolation, antialias=aa, **kwargs)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[..., top:top + size, left:left + size].clamp(0, 1)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+class CLIPImageConditioner(nn.Module):
+    """CLIP image encoder + projection: images → (B, 1, D) projected image embeddings (D = 768 for ViT-L/14),
+    the context of the image-variations model; the unconditional context is zeros of that shape.
+
+    The condition is the batch's image itself in [-1, 1] (``cond_stage_key: image``); the conditioner does its
+    own CLIP preprocessing (:func:`clip_image_preprocess`) with the settings given here, which the checkpoint
+    stores with the rest of the config, so sampling resizes exactly as training did.
+
+    Args:
+        config: ``CLIPVisionConfig`` keyword arguments, used when there is no ``pretrained`` folder.
+        pretrained: a diffusers image-variations folder holding ``image_encoder/``.
+        image_size: side of the encoder's input (224 for ViT-L/14); defaults to the encoder config's.
+        interpolation: ``bicubic``/``bilinear``/``nearest``/``area`` (``torch.nn.functional.interpolate`` modes).
+        antialias: antialiased downsizing (bilinear/bicubic only).
+        mean, std: per-channel normalisation (OpenAI CLIP's by default).
+        trainable: train the image encoder along with the UNet.
+        ucg_rate: probability of replacing a row's embedding with zeros during training.
+    """
+
+    def __init__(self, config: dict | None = None, pretrained: str | None = None, subfolder: str = "image_encoder",
+                 image_size: int | None = None, interpolation: str = "bicubic", antialias: bool = True,
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, trainable: bool = False,
+                 ucg_rate: float = 0.0):
+        super().__init__()
+        if interpolation not in ("bicubic", "bilinear", "nearest", "area"):
+            raise ConfigError(f"CLIPImageConditioner: interpolation must be bicubic, bilinear, nearest or area, "
+                              f"got {interpolation!r}")
+        self.encoder = build_or_load(CLIPVisionModelWithProjection, config, pretrained, subfolder,
+                                     config_class=CLIPVisionConfig)
+        self.image_size = int(image_size or self.encoder.config.image_size)
+        self.interpolation, self.antialias = interpolation, bool(antialias)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.trainable = trainable
+        self.ucg_rate = ucg_rate
+        if not trainable:
+            self.encoder.eval()
+            self.encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.encoder.config.projection_dim)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images → the encoder's pixel values, exactly as in training."""
+        return clip_image_preprocess(images.to(self.device), self.image_size, self.interpolation, self.antialias,
+                                     self.mean, self.std)
+
+    def forward(self, images: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode images; rows where ``drop`` is true become the zero (unconditional) embedding."""
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            pixels = self.preprocess(images).to(self.encoder.dtype)
+            emb = self.encoder(pixel_values=pixels).image_embeds.unsqueeze(1)
+        if drop is not None:
+            emb = torch.where(drop.to(emb.device).view(-1, 1, 1), torch.zeros_like(emb), emb)
+        return emb
+
+    def unconditional(self, batch_size: int) -> torch.Tensor:
+        return torch.zeros(batch_size, 1, self.embed_dim, device=self.device, dtype=self.encoder.dtype)

@@ -129,21 +129,28 @@ class LatentDiffusion(pl.LightningModule):
         return int(self.unet.config.sample_size) * self.first_stage_model.downsample
 
     @torch.no_grad()
-    def generate(self, captions: Sequence[str], seeds: Sequence[int] | None = None, size: int | tuple | None = None,
-                 sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0, negative_prompt: str = "",
-                 eta: float = 0.0, use_ema: bool = True) -> torch.Tensor:
-        """Sample one image per caption (each with its own seed) and return them in [-1, 1]."""
+    def generate(self, conds: Sequence[str] | torch.Tensor, seeds: Sequence[int] | None = None,
+                 size: int | tuple | None = None, sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0,
+                 negative_prompt: str = "", eta: float = 0.0, use_ema: bool = True) -> torch.Tensor:
+        """Sample one image per condition (each with its own seed) and return them in [-1, 1].
+
+        ``conds`` is whatever the conditioner takes: captions, or a (B,3,H,W) image tensor in [-1, 1] for
+        image variations. The guidance baseline is the conditioner's ``unconditional`` context unless a
+        ``negative_prompt`` is given (text conditioners only)."""
         size = size or self.default_image_size()
         height, width = (size, size) if isinstance(size, int) else size
-        n = len(captions)
+        n = len(conds)
         seeds = list(seeds) if seeds is not None else list(range(n))
         down = self.first_stage_model.downsample
         shape = (self.first_stage_model.latent_channels, height // down, width // down)
         latents = torch.stack([initial_noise(shape, torch.Generator().manual_seed(int(s)), self.device) for s in seeds])
         scheduler = make_scheduler(sampler, self.schedule.scheduler_config())
         latents = latents * scheduler.init_noise_sigma
-        cond = self.cond_stage_model(list(captions))
-        uncond = self.cond_stage_model([negative_prompt] * n) if guidance_scale > 1.0 else None
+        cond = self.cond_stage_model(conds if torch.is_tensor(conds) else list(conds))
+        uncond = None
+        if guidance_scale > 1.0:
+            uncond = self.cond_stage_model([negative_prompt] * n) if negative_prompt else \
+                self.cond_stage_model.unconditional(n)
         denoise = lambda x, t, c: self.unet(x, t, encoder_hidden_states=c).sample
         scope = self.ema_scope() if use_ema else nullcontext()
         with scope:
@@ -155,7 +162,7 @@ class LatentDiffusion(pl.LightningModule):
     def log_images(self, batch: dict, n: int = 4, **sample_kwargs) -> dict[str, torch.Tensor]:
         """Images for the logger: inputs and reconstructions when the batch has images, and guided samples."""
         out = {}
-        captions = list(batch[self.cond_stage_key])[:n]
+        conds = batch[self.cond_stage_key][:n]  # captions, or the images themselves for image variations
         seeds = batch["seed"][:n].tolist() if "seed" in batch else None
         if self.first_stage_key in batch:
             x = batch[self.first_stage_key][:n].to(self.device)
@@ -163,5 +170,5 @@ class LatentDiffusion(pl.LightningModule):
             out["reconstruction"] = self.first_stage_model.decode(self.first_stage_model.encode(x)).clamp(-1, 1)
             sample_kwargs.setdefault("size", tuple(x.shape[-2:]))
         scale = sample_kwargs.get("guidance_scale", 3.0)
-        out[f"samples_cfg{scale:g}"] = self.generate(captions, seeds, **sample_kwargs)
+        out[f"samples_cfg{scale:g}"] = self.generate(conds, seeds, **sample_kwargs)
         return out

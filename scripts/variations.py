@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Sample variations of input images with an image-variations model (CLIP image embedding as the condition).
+
+WEIGHTS is anything ``ldm.weights.load_model`` reads: a run dir (its checkpoints/last.ckpt), a training
+checkpoint, or a diffusers image-variations folder (unet/ vae/ image_encoder/ ...). The image encoder's
+preprocessing (resize filter, antialias, mean/std) comes from the weights' stored config, so inputs are embedded
+exactly as training embedded its images.
+
+  python scripts/variations.py logs/<run> photo.jpg other.png -n 4 --scale 3 --seed 0 --steps 50 --sampler ddim
+
+For each input, ``<outdir>/<stem>-variations.png`` is a row with the input first and its N variations after it,
+and ``<outdir>/<stem>-NN.png`` each variation alone. Variation i uses seed ``seed + i``, so any one of them can
+be reproduced alone.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights are local; never reach for the Hub
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ldm.util import ConfigError  # noqa: E402
+
+
+def load_image(path: str | Path, channels: int = 3) -> torch.Tensor:
+    """(1, channels, H, W) in [-1, 1] at the file's own size (the conditioner does CLIP's resize itself)."""
+    from ldm.data.images import load_rgb
+
+    img = load_rgb(str(path))
+    if channels == 1:
+        img = img.convert("L")
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1
+    return (x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)).unsqueeze(0)
+
+
+def make_variations(model, image: torch.Tensor, n: int = 4, seed: int = 0, guidance_scale: float = 3.0,
+                    steps: int = 50, sampler: str = "ddim", size: int | None = None, eta: float = 0.0) -> torch.Tensor:
+    """``n`` variations of one (1,C,H,W) image in [-1, 1]; variation i is sampled with seed ``seed + i``."""
+    conds = image.expand(n, -1, -1, -1).to(model.device)
+    return model.generate(conds, [seed + i for i in range(n)], size=size, sampler=sampler, steps=steps,
+                          guidance_scale=guidance_scale, eta=eta)
+
+
+def grid_row(image: torch.Tensor, variations: torch.Tensor) -> Image.Image:
+    """The input (resized and centre-cropped to the variations' size) followed by the variations, in one row."""
+    import torchvision
+
+    h, w = variations.shape[-2:]
+    scale = max(h / image.shape[-2], w / image.shape[-1])
+    x = F.interpolate(image.float(), scale_factor=scale, mode="bicubic", antialias=True, align_corners=False)
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    x = x[..., top:top + h, left:left + w].clamp(-1, 1)
+    grid = torchvision.utils.make_grid(torch.cat([x.cpu(), variations.float().cpu()]), nrow=len(variations) + 1,
+                                       padding=2, pad_value=1.0)
+    return Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", help="run dir, training .ckpt or diffusers image-variations folder")
+    p.add_argument("images", nargs="+", help="input image files")
+    p.add_argument("-n", "--n", type=int, default=4, help="variations per input (default 4)")
+    p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="variation i uses seed + i (default 0)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim", help="ddim, plms, pndm, dpm++, euler, euler_a, ddpm")
+    p.add_argument("--size", type=int, default=None, help="output side in pixels (default: the model's)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--config", default=None, help="model config for weights that carry none")
+    p.add_argument("--no-ema", action="store_true", help="raw UNet weights instead of EMA")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("-o", "--outdir", default="outputs/variations")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ldm.weights import load_model
+
+    try:
+        model = load_model(args.weights, config=args.config, ema=not args.no_ema, device=args.device, verbose=True)
+        if not hasattr(model.cond_stage_model, "preprocess"):
+            raise ConfigError(f"{args.weights!r} is not an image-variations model (its conditioner is "
+                              f"{type(model.cond_stage_model).__name__}); use a text-to-image script")
+        channels = int(model.cond_stage_model.encoder.config.num_channels)
+        outdir = Path(args.outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        for path in args.images:
+            image = load_image(path, channels)
+            out = make_variations(model, image, args.n, args.seed, args.scale, args.steps, args.sampler, args.size,
+                                  args.eta)
+            stem = Path(path).stem
+            grid_row(image, out).save(outdir / f"{stem}-variations.png")
+            for i, v in enumerate(out):
+                pixels = ((v.float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(-1)
+                Image.fromarray(pixels.numpy()).save(outdir / f"{stem}-{i:02}.png")
+            print(f"{path}: {args.n} variations (seeds {args.seed}..{args.seed + args.n - 1}) -> "
+                  f"{outdir / f'{stem}-variations.png'}")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""scripts/variations.py: same pixels as diffusers' StableDiffusionImageVariationPipeline for the same weights,
+seed and preprocessed input, and a grid with the input first from a run's checkpoint."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm.sampling import make_scheduler
+from tests.test_variations import save_training_ckpt, tiny_section
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script():
+    spec = importlib.util.spec_from_file_location("variations", ROOT / "scripts" / "variations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def photo(path: Path, size=(40, 30)) -> Path:
+    from skimage import data as skdata
+
+    Image.fromarray(skdata.astronaut()).resize(size).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("var") / "model.ckpt"
+    save_training_ckpt(path, tiny_section(), seed=5)
+    return path
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_matches_diffusers_image_variation_pipeline(checkpoint, tmp_path, sampler):
+    from diffusers import StableDiffusionImageVariationPipeline
+    from transformers import CLIPImageProcessor
+
+    mod = script()
+    from ldm.weights import load_model
+
+    model = load_model(checkpoint)
+    image = mod.load_image(photo(tmp_path / "a.png"))
+    ours = mod.make_variations(model, image, n=1, seed=11, guidance_scale=3.0, steps=8, sampler=sampler, size=16)
+
+    pipe = StableDiffusionImageVariationPipeline(
+        vae=model.first_stage_model.vae, image_encoder=model.cond_stage_model.encoder, unet=model.unet,
+        scheduler=make_scheduler(sampler, model.schedule.scheduler_config()), safety_checker=None,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        requires_safety_checker=False)
+    # The pipeline takes a tensor as already-preprocessed pixel values: feed it ours, the only difference
+    # between the two paths is then everything after preprocessing.
+    pixels = model.cond_stage_model.preprocess(image)
+    theirs = pipe(image=pixels, height=16, width=16, num_inference_steps=8, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(11), output_type="pt").images
+    diff = ((ours + 1) / 2 - theirs).abs().mean().item()
+    print(f"{sampler}: mean abs diff {diff * 255:.4f}/255")
+    assert diff < 1 / 255, diff
+    # The tiny model's samples vary with the seed (a broken comparison would not notice a constant output).
+    other = mod.make_variations(model, image, n=1, seed=12, guidance_scale=3.0, steps=8, sampler=sampler, size=16)
+    assert ((other - ours).abs().mean() * 127.5) > 1
+
+
+def test_our_preprocessing_is_close_to_clip_image_processor(checkpoint, tmp_path):
+    """Bicubic + antialias in torch vs CLIPImageProcessor's PIL bicubic resize: close, not bit-equal."""
+    from transformers import CLIPImageProcessor
+
+    from ldm.weights import load_model
+
+    mod = script()
+    cond = load_model(checkpoint).cond_stage_model
+    path = photo(tmp_path / "a.png", size=(80, 60))
+    ours = cond.preprocess(mod.load_image(path))
+    theirs = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})(
+        images=Image.open(path), return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape == (1, 3, 16, 16)
+    assert (ours - theirs).abs().mean() < 0.1
+
+
+def test_cli_writes_a_grid_with_the_input_first(checkpoint, tmp_path, capsys):
+    mod = script()
+    inputs = [photo(tmp_path / "a.png"), photo(tmp_path / "b.png", size=(20, 20))]
+    assert mod.main([str(checkpoint), *map(str, inputs), "-n", "3", "--steps", "2", "-o", str(tmp_path / "out")]) == 0
+    grid = Image.open(tmp_path / "out" / "a-variations.png")
+    assert grid.size == (2 + 4 * (16 + 2), 2 + 16 + 2)  # input + 3 variations, 2 px padding
+    assert sorted(p.name for p in (tmp_path / "out").glob("b-*.png")) == ["b-00.png", "b-01.png", "b-02.png",
+                                                                          "b-variations.png"]
+    assert "3 variations" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_text_model_in_one_line(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "tiny" / "tiny-sd.yaml").model, resolve=True)
+    cfg["params"]["use_ema"] = False
+    save_training_ckpt(tmp_path / "text.ckpt", cfg)
+    assert script().main([str(tmp_path / "text.ckpt"), str(photo(tmp_path / "a.png")), "-o", str(tmp_path)]) == 2
+    assert "not an image-variations model" in capsys.readouterr().err

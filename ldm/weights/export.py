@@ -70,6 +70,8 @@ def export_single_file(item: Exportable, out: str | Path, half: bool = False, pr
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"single-file exports are .safetensors (weights only, no pickle); got {str(out)!r}")
+    if not hasattr(item.model.cond_stage_model, "transformer"):
+        raise ConfigError("image-variations models export as a diffusers folder (--diffusers), not as a single file")
     tensors = project_to_original(item.state, text_layout(item.model))
     meta = {"format": "pt", **item.metadata(), "sd_finetune.dtype": "float16" if half else "float32"}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,10 +80,10 @@ def export_single_file(item: Exportable, out: str | Path, half: bool = False, pr
 
 def export_diffusers(item: Exportable, out: str | Path, half: bool = False, progress: bool = True,
                      force: bool = False) -> Path:
-    """A StableDiffusionPipeline folder: configs, tokenizer, PNDM scheduler, and the weights as safetensors."""
+    """A StableDiffusionPipeline folder: configs, tokenizer, PNDM scheduler, and the weights as safetensors; for an
+    image-variations model a StableDiffusionImageVariationPipeline folder (image_encoder/, feature_extractor/)."""
     import diffusers
 
-    from ldm.models.tokenizer import write_clip_vocab
     from ldm.sampling import make_scheduler
 
     out = Path(out)
@@ -90,12 +92,14 @@ def export_diffusers(item: Exportable, out: str | Path, half: bool = False, prog
             raise ConfigError(f"{str(out)!r} already holds files; pass --force to replace them")
         shutil.rmtree(out)
     model = item.model
-    unet, vae, text = model.unet, model.first_stage_model.vae, model.cond_stage_model.transformer
+    unet, vae = model.unet, model.first_stage_model.vae
     vae.register_to_config(scaling_factor=model.first_stage_model.scale_factor)  # the pipeline reads it here
     meta = {"format": "pt", **item.metadata()}
     files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-             "text_encoder": "model.safetensors"}
+             "text_encoder": "model.safetensors", "image_encoder": "model.safetensors"}
     for component, prefix in DIFFUSERS_COMPONENTS.items():
+        if not any(k.startswith(prefix) for k in item.state):
+            continue  # the conditioner this model does not have (text or image encoder)
         folder = out / component
         folder.mkdir(parents=True)
         # The text encoder keeps transformers 4's "text_model." prefix, which transformers 5 also reads.
@@ -105,18 +109,51 @@ def export_diffusers(item: Exportable, out: str | Path, half: bool = False, prog
                           desc=f"{component}/{files[component]}", half=half)
     unet.save_config(out / "unet")
     vae.save_config(out / "vae")
+    make_scheduler("pndm", model.schedule.scheduler_config()).save_config(out / "scheduler")
+    if hasattr(model.cond_stage_model, "encoder"):
+        _write_image_conditioner(model.cond_stage_model, out, diffusers.__version__)
+    else:
+        _write_text_conditioner(model, out, diffusers.__version__)
+    record = {**item.info, "dtype": "float16" if half else "float32"}
+    (out / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def _write_text_conditioner(model, out: Path, version: str) -> None:
+    from ldm.models.tokenizer import write_clip_vocab
+
+    text = model.cond_stage_model.transformer
     text.config.architectures = ["CLIPTextModel"]
     text.config.save_pretrained(out / "text_encoder")
     tokenizer = model.cond_stage_model.tokenizer
     tokenizer.save_pretrained(out / "tokenizer")
     write_clip_vocab(out / "tokenizer")  # BPE files too, for loaders that do not read tokenizer.json
-    make_scheduler("pndm", model.schedule.scheduler_config()).save_config(out / "scheduler")
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": version,
              "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
              "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    record = {**item.info, "dtype": "float16" if half else "float32"}
-    (out / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return out
+
+
+# PIL filter numbers for CLIPImageProcessor's ``resample``.
+PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+
+
+def _write_image_conditioner(cond, out: Path, version: str) -> None:
+    """image_encoder/ config and feature_extractor/ (a CLIPImageProcessor with the conditioner's resize filter,
+    size and normalisation: what StableDiffusionImageVariationPipeline preprocesses PIL inputs with)."""
+    from transformers import CLIPImageProcessor
+
+    cond.encoder.config.architectures = ["CLIPVisionModelWithProjection"]
+    cond.encoder.config.save_pretrained(out / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": cond.image_size},
+                       crop_size={"height": cond.image_size, "width": cond.image_size},
+                       resample=PIL_RESAMPLE.get(cond.interpolation, 3), image_mean=list(cond.mean),
+                       image_std=list(cond.std)).save_pretrained(out / "feature_extractor")
+    index = {"_class_name": "StableDiffusionImageVariationPipeline", "_diffusers_version": version,
+             "feature_extractor": ["transformers", "CLIPImageProcessor"],
+             "image_encoder": ["transformers", "CLIPVisionModelWithProjection"], "requires_safety_checker": False,
+             "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

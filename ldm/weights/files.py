@@ -23,7 +23,9 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 NAMES = {v: k for k, v in DTYPES.items()}
 # Where each diffusers pipeline component lives inside this project's LatentDiffusion state dict.
-DIFFUSERS_COMPONENTS = {"unet": "unet.", "vae": "first_stage_model.vae.", "text_encoder": "cond_stage_model.transformer."}
+# A folder holds text_encoder/ (text-to-image) or image_encoder/ (image variations), never both.
+DIFFUSERS_COMPONENTS = {"unet": "unet.", "vae": "first_stage_model.vae.", "text_encoder": "cond_stage_model.transformer.",
+                        "image_encoder": "cond_stage_model.encoder."}
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

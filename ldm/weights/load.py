@@ -18,6 +18,8 @@ SD_V1_CONFIG = ROOT / "configs" / "pokemon.yaml"  # its model section is SD v1's
 def model_description(model) -> str:
     """The same kind of name ``describe`` gives a file, for the model a config built."""
     ctx = model.unet.config.cross_attention_dim
+    if not hasattr(model.cond_stage_model, "transformer"):
+        return f"an image-variations model (CLIP image encoder, {ctx}-d context)"
     text = model.cond_stage_model.transformer.config
     encoder = "OpenCLIP" if text.hidden_act == "gelu" else "CLIP"
     name = {(768, "CLIP"): "SD v1", (1024, "OpenCLIP"): "SD 2.x"}.get((ctx, encoder)) or \

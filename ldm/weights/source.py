@@ -88,6 +88,30 @@ def _init_args(cls, config: dict) -> dict:
     return {k: v for k, v in config.items() if k in accepted}
 
 
+VISION_KEYS = ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_hidden_layers", "hidden_act", "projection_dim", "layer_norm_eps")
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's filter numbers in preprocessor_config.json
+
+
+def _image_conditioner(folder: Path) -> dict:
+    """An image-variations folder's conditioner: image_encoder/config.json for the tower, feature_extractor/
+    (CLIPImageProcessor's preprocessor_config.json) for the resize filter and normalisation. PIL resizes with
+    antialiasing, so antialias is on."""
+    vision = _json(folder, "image_encoder/config.json")
+    vision = vision.get("vision_config", vision)
+    prep = _json(folder, "feature_extractor/preprocessor_config.json", required=False)
+    params = {"config": {k: vision[k] for k in VISION_KEYS if k in vision}, "antialias": True,
+              "interpolation": RESAMPLE.get(prep.get("resample", 3), "bicubic")}
+    size = prep.get("crop_size", prep.get("size"))
+    if isinstance(size, dict):
+        size = size.get("height", size.get("shortest_edge"))
+    if size:
+        params["image_size"] = int(size)
+    if "image_mean" in prep:
+        params.update(mean=list(prep["image_mean"]), std=list(prep["image_std"]))
+    return {"target": "ldm.models.conditioners.CLIPImageConditioner", "params": params}
+
+
 def _pad_token(folder: Path) -> str:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         pad = _json(folder / "tokenizer", name, required=False).get("pad_token")
@@ -106,11 +130,15 @@ def model_config_from_folder(folder: str | Path) -> dict:
     folder = Path(folder)
     unet = _init_args(UNet2DConditionModel, _json(folder, "unet/config.json"))
     vae = _init_args(AutoencoderKL, _json(folder, "vae/config.json"))
-    text = _json(folder, "text_encoder/config.json")
     sched = _json(folder, "scheduler/scheduler_config.json", required=False)
-    cond = {"config": {k: text[k] for k in TEXT_KEYS if k in text}, "pad_token": _pad_token(folder)}
-    if (folder / "tokenizer").is_dir():
-        cond["tokenizer"] = str(folder / "tokenizer")
+    if (folder / "image_encoder").is_dir() and not (folder / "text_encoder").is_dir():
+        cond_config, cond_key = _image_conditioner(folder), "image"
+    else:
+        text = _json(folder, "text_encoder/config.json")
+        cond = {"config": {k: text[k] for k in TEXT_KEYS if k in text}, "pad_token": _pad_token(folder)}
+        if (folder / "tokenizer").is_dir():
+            cond["tokenizer"] = str(folder / "tokenizer")
+        cond_config, cond_key = {"target": "ldm.models.conditioners.CLIPTextConditioner", "params": cond}, "caption"
     return {
         "target": "ldm.models.diffusion.LatentDiffusion",
         "params": {
@@ -120,6 +148,6 @@ def model_config_from_folder(folder: str | Path) -> dict:
             "unet_config": {"target": "ldm.models.denoiser.unet", "params": {"config": unet}},
             "first_stage_config": {"target": "ldm.models.first_stage.AutoencoderKLFirstStage",
                                    "params": {"scale_factor": vae.get("scaling_factor", 0.18215), "config": vae}},
-            "cond_stage_config": {"target": "ldm.models.conditioners.CLIPTextConditioner", "params": cond},
+            "cond_stage_key": cond_key, "cond_stage_config": cond_config,
         },
     }

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.images import ImageCaptionDataset
 from ldm.data.transforms import plain
@@ -66,6 +66,9 @@ def build_dataset(split: str, cfg: Mapping[str, Any]) -> Dataset:
         raise ConfigError(f"data.params.{split} ({cfg.get('target')}): {err}") from err
     if len(dataset) == 0:
         raise ConfigError(f"data.params.{split} ({cfg.get('target')}) is empty")
+    if repeats > 1 and isinstance(dataset, IterableDataset):
+        raise ConfigError(f"data.params.{split}: repeats needs an indexable dataset; a streamed one sets its "
+                          "epoch size itself (TarShards' length)")
     return Repeated(dataset, repeats) if repeats > 1 else dataset
 
 
@@ -113,7 +116,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            shuffle=shuffle,
+            # Streamed (iterable) datasets shuffle themselves; DataLoader refuses shuffle=True for them.
+            shuffle=shuffle and not isinstance(self.datasets[split], IterableDataset),
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -40,6 +40,17 @@ def initial_noise(shape, generator: torch.Generator | None, device, dtype=torch.
     return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
 
 
+def img2img_timesteps(scheduler, steps: int, strength: float, device=None) -> torch.Tensor:
+    """The last ``int(steps * strength)`` timesteps of a ``steps``-step schedule: where img2img starts and runs,
+    as diffusers' img2img pipeline computes them (the scheduler is told its start, which sigma-based and
+    multistep schedulers need). Empty when ``steps * strength < 1``."""
+    scheduler.set_timesteps(steps, device=device)
+    start = (steps - min(int(steps * strength), steps)) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
 @torch.no_grad()
 def sample(denoise: Callable, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None, shape,
            steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0, generator: torch.Generator | None = None,

@@ -83,6 +83,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from ldm.data.images import BadImage
     from ldm.weights import load_model
 
     try:
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
                 Image.fromarray(pixels.numpy()).save(outdir / f"{stem}-{i:02}.png")
             print(f"{path}: {args.n} variations (seeds {args.seed}..{args.seed + args.n - 1}) -> "
                   f"{outdir / f'{stem}-variations.png'}")
-    except ConfigError as err:
+    except (ConfigError, BadImage) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -101,3 +101,8 @@ def test_cli_refuses_a_text_model_in_one_line(tmp_path, capsys):
     save_training_ckpt(tmp_path / "text.ckpt", cfg)
     assert script().main([str(tmp_path / "text.ckpt"), str(photo(tmp_path / "a.png")), "-o", str(tmp_path)]) == 2
     assert "not an image-variations model" in capsys.readouterr().err
+
+
+def test_cli_missing_input_is_one_line(checkpoint, tmp_path, capsys):
+    assert script().main([str(checkpoint), str(tmp_path / "nope.png"), "-o", str(tmp_path)]) == 2
+    assert "cannot decode image" in capsys.readouterr().err

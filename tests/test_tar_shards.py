@@ -85,3 +85,26 @@ def test_workers_read_disjoint_shards_and_equal_quotas(tmp_path):
     with pytest.raises(ConfigError, match="repeats"):
         DataModuleFromConfig(batch_size=2, train={"target": "ldm.data.tar_shards.TarShards", "repeats": 2,
                                                   "params": {"urls": ds.shards}})
+
+
+def test_image_variations_train_from_shards_through_main(tmp_path):
+    """The variations recipe's data block swapped for shards: the image is its own condition, no captions needed."""
+    import yaml
+
+    from tests.conftest import main_py, run_dirs
+
+    repo = Path(__file__).resolve().parents[1]
+    urls = write_shards(tmp_path / "s")
+    data = {"data": {"target": "ldm.data.datamodule.DataModuleFromConfig",
+                     "params": {"batch_size": 4, "num_workers": 0, "train": {
+                         "target": "ldm.data.tar_shards.TarShards",
+                         "params": {"urls": urls, "shuffle_buffer": 8, "image_transforms": [
+                             {"target": "torchvision.transforms.Resize", "params": {"size": 16}}]}}}},
+            "lightning": {"trainer": {"accelerator": "cpu", "max_steps": 3, "enable_progress_bar": False,
+                                      "enable_model_summary": False},
+                          "callbacks": {"image_logger": {"params": {"batch_frequency": 0}}}}}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
+    r = main_py("-t", "--base", repo / "configs" / "tiny" / "tiny-variations.yaml", tmp_path / "data.yaml",
+                "-l", tmp_path / "logs", "-n", "shards")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run_dirs(tmp_path / "logs")[0] / "checkpoints" / "last.ckpt").exists()

@@ -150,3 +150,20 @@ def test_recipe_files_say_what_the_recipe_says():
     a["params"].pop("trainable"), b["params"].pop("trainable")
     a["params"].pop("scheduler_config"), b["params"].pop("scheduler_config")
     assert a == b  # same architecture, conditioner and preprocessing in both stages
+
+
+def test_full_size_recipe_is_sd_v1_unet_with_vit_l14_image_context():
+    """Built on the meta device (shapes only): SD v1's UNet and VAE, ViT-L/14's vision tower + projection, no text
+    encoder; a 512 px image becomes a (B, 1, 768) context the UNet takes."""
+    cfg = OmegaConf.to_container(OmegaConf.load(STAGE1).model, resolve=True)
+    cfg["params"]["pretrained"] = None
+    cfg["params"]["cond_stage_config"]["params"]["pretrained"] = None
+    with torch.device("meta"):
+        model = instantiate_from_config(cfg)
+        context = model.cond_stage_model(torch.empty(2, 3, 512, 512, device="meta"))
+        out = model.unet(torch.empty(2, 4, 64, 64), torch.tensor([1, 999]), encoder_hidden_states=context).sample
+    assert sum(p.numel() for p in model.unet.parameters()) == 859_520_964
+    vision = model.cond_stage_model.encoder
+    assert sum(p.numel() for p in vision.visual_projection.parameters()) == 1024 * 768
+    assert context.shape == (2, 1, 768) and out.shape == (2, 4, 64, 64)
+    assert model.trainable_names and all(".attn2." in n for n in model.trainable_names)

@@ -6,8 +6,9 @@ sample the same prompts with the same scheduler settings, steps, guidance scale,
 precision, end to end: prompt encoding, the denoising loop, VAE decoding and conversion to PIL images. The
 pipeline's progress bar is off and so is ours. The two alternate, ``--repeats`` times each after one untimed
 warm-up; the medians of wall time and of process CPU time (which other processes on a shared machine disturb
-far less; use ``--threads 1`` there), their ratios (target <= 1.0) and the mean absolute difference of the
-images are printed.
+far less; use ``--threads 1`` there) are printed with the ratios, each the median of the per-pair ratios (a pair
+runs back to back, so a change in the machine's load hits both), target <= 1.0, and the mean absolute
+difference of the images.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/benchmark_sampling.py --steps 20 --batch 2 --repeats 5
     .venv/bin/python scripts/benchmark_sampling.py --ckpt models/sd-v1-5 --size 512 --precision fp16   # on a GPU
@@ -61,11 +62,12 @@ def timed(fn, device) -> tuple[tuple[float, float], object]:
 
 
 def report(ours: list[tuple[float, float]], theirs: list[tuple[float, float]], diff: float) -> str:
-    """Median wall and CPU milliseconds per call of each side and the ratios ours / theirs."""
+    """Median wall and CPU milliseconds per call of each side and the median per-pair ratios ours / theirs."""
     (a, ac), (b, bc) = [[statistics.median(x) * 1e3 for x in zip(*side)] for side in (ours, theirs)]
+    ratio, cpu_ratio = [statistics.median(o[i] / t[i] for o, t in zip(ours, theirs)) for i in (0, 1)]
     return (f"this project: {a:9.1f} ms per call (CPU {ac:.1f} ms), median of {len(ours)}\n"
             f"diffusers:    {b:9.1f} ms per call (CPU {bc:.1f} ms), median of {len(theirs)}\n"
-            f"ratio {a / b:.3f} (this project / diffusers; target <= {TARGET:.1f}; CPU time {ac / bc:.3f})\n"
+            f"ratio {ratio:.3f} (this project / diffusers; target <= {TARGET:.1f}; CPU time {cpu_ratio:.3f})\n"
             f"images: mean absolute difference {diff:.4f}/255")
 
 

@@ -25,6 +25,8 @@ class LatentDiffusion(pl.LightningModule):
     ``beta_schedule``/``parameterization`` define the noise schedule; ``trainable`` picks the denoiser
     parameters that train (see ``ldm.models.trainable``); ``use_ema``/``ema_decay`` keep an EMA of them, used
     for samples when ``sample_with_ema``; ``scheduler_config`` builds an LR multiplier for ``LambdaLR``.
+    ``prior_loss_weight`` scales the class-image loss of DreamBooth batches (those with ``class_image``);
+    ``lora`` (``{rank, alpha, ...}``, see ``ldm.lora.add_lora``) trains low-rank adapters instead of weights.
     """
 
     def __init__(self, unet_config: dict, first_stage_config: dict, cond_stage_config: dict,
@@ -33,7 +35,8 @@ class LatentDiffusion(pl.LightningModule):
                  beta_schedule: str = "scaled_linear", parameterization: str = "eps", snr_gamma: float | None = None,
                  trainable: str | Sequence[str] = "all", use_ema: bool = False, ema_decay: float = 0.9999,
                  sample_with_ema: bool = True, scheduler_config: dict | None = None, weight_decay: float = 0.01,
-                 adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss"):
+                 adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss",
+                 prior_loss_weight: float = 1.0, lora: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.unet = self._build(unet_config, pretrained)
@@ -42,6 +45,11 @@ class LatentDiffusion(pl.LightningModule):
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma)
         self.trainable_names = select_trainable(self.unet, trainable)
+        if lora:  # low-rank adapters replace `trainable`: only they train (ldm.lora)
+            from ldm.lora import add_lora
+
+            self.trainable_names = add_lora(self, **lora)
+        self.prior_loss_weight = prior_loss_weight
         self.use_ema, self.sample_with_ema = use_ema, sample_with_ema
         self.model_ema = EMA(self.unet, ema_decay) if use_ema else None
         self.scheduler_config = scheduler_config
@@ -80,7 +88,15 @@ class LatentDiffusion(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         # Stop before backward and before any checkpoint of this step: earlier checkpoints stay good.
-        loss = check_finite(self.diffusion_loss(batch), self.global_step, last_good_checkpoint(self.trainer))
+        loss = self.diffusion_loss(batch)
+        if "class_image" in batch:  # DreamBooth prior preservation (ldm.data.dreambooth): the class half's loss
+            prior = self.diffusion_loss({self.first_stage_key: batch["class_image"],
+                                         self.cond_stage_key: batch["class_caption"]})
+            n = len(batch["class_caption"])
+            self.log("train/instance_loss", loss, on_step=True, on_epoch=False, batch_size=n)
+            self.log("train/prior_loss", prior, on_step=True, on_epoch=False, batch_size=n)
+            loss = loss + self.prior_loss_weight * prior
+        loss = check_finite(loss, self.global_step, last_good_checkpoint(self.trainer))
         # The per-step value is this rank's (an all-reduce every step would stall multi-GPU training);
         # the epoch mean is averaged over all ranks, once per epoch.
         n = len(batch[self.cond_stage_key])

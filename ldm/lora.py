@@ -95,15 +95,16 @@ def load_lora(model, path: str | Path, scale: float = 1.0, adapter_name: str = "
         set_adapters_for_text_encoder([adapter_name], text_encoder, [scale])
 
 
-def merge_lora(model, scale: float = 1.0) -> None:
-    """Fold the adapters into the base weights at ``scale`` and remove them: plain weights remain."""
+def merge_lora(model) -> None:
+    """Fold the adapters into the base weights at their current scale (``load_lora``'s ``scale``; 1.0 after
+    training) and remove them: plain weights remain, giving the same outputs."""
     from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch, fuse_text_encoder_lora
 
-    model.unet.fuse_lora(lora_scale=scale)
+    model.unet.fuse_lora(lora_scale=1.0)  # on top of the adapter's own weight: 1.0 keeps it as set
     model.unet.unload_lora()
     text_encoder = model.cond_stage_model.transformer
     if has_lora(text_encoder):
-        fuse_text_encoder_lora(text_encoder, lora_scale=scale)
+        fuse_text_encoder_lora(text_encoder, lora_scale=1.0)
         _remove_text_encoder_monkey_patch(text_encoder)
 
 

@@ -1,0 +1,111 @@
+"""Prompt-following score for the digits demo: does "a handwritten digit 3" give a 3?
+
+A classifier fitted on real 8x8 digits (``ldm.data.digits``' train split) labels images sampled for each
+class prompt with fixed seeds; the fraction labelled as the prompted digit is the figure. Its accuracy on the
+held-out real digits is printed next to it, as the ceiling the samples are judged against.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+from PIL import Image
+from pytorch_lightning.utilities import rank_zero_only
+
+from ldm.data.digits import digit_caption, split_digits, to_digit_range
+
+
+class DigitClassifier:
+    """An RBF SVM on the 64 pixel values (0..16) of real digits; ``heldout_accuracy`` is measured on the
+    validation split, which neither it nor the diffusion model trains on."""
+
+    def __init__(self, val_fraction: float = 0.1, seed: int = 0):
+        from sklearn.svm import SVC
+
+        x_train, y_train = split_digits("train", val_fraction, seed)
+        x_val, y_val = split_digits("val", val_fraction, seed)
+        self.svm = SVC(gamma="scale").fit(x_train.reshape(len(x_train), -1), y_train)
+        self.heldout_accuracy = float((self.svm.predict(x_val.reshape(len(x_val), -1)) == y_val).mean())
+
+    def predict(self, images: torch.Tensor) -> np.ndarray:
+        """Labels for (N,C,H,W) images in [-1,1], any C and any size (area-averaged down to 8x8)."""
+        return self.svm.predict(to_digit_range(images))
+
+    def accuracy(self, images: torch.Tensor, labels) -> float:
+        return float((self.predict(images) == np.asarray(labels)).mean())
+
+
+class DigitScore(pl.Callback):
+    """After each validation and at the end of training: sample ``n_per_class`` images for each prompt
+    ``caption_template.format(digit=k)`` (seeds ``seed + i``, the same every time), log
+    ``val/prompt_accuracy``, print the figure line and save the grid (row k = prompt k) as
+    ``<logdir>/<filename>``. ``logdir`` defaults to the trainer's ``default_root_dir`` (the run dir).
+    """
+
+    def __init__(self, n_per_class: int = 10, caption_template: str = "a handwritten digit {digit}", seed: int = 0,
+                 sampler: str = "ddim", steps: int = 25, guidance_scale: float = 3.0, val_fraction: float = 0.1,
+                 split_seed: int = 0, logdir: str | None = None, filename: str = "digits_by_prompt.png",
+                 zoom: int = 4, on_validation: bool = True):
+        super().__init__()
+        self.n_per_class, self.caption_template, self.seed = n_per_class, caption_template, seed
+        self.sample_kwargs = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.logdir, self.filename, self.zoom, self.on_validation = logdir, filename, zoom, on_validation
+        self._classifier: DigitClassifier | None = None
+        self._scored_step = -1
+        self.last_accuracy: float | None = None
+
+    @property
+    def classifier(self) -> DigitClassifier:
+        if self._classifier is None:  # fitted on first use: building the callback stays instant
+            self._classifier = DigitClassifier(self.val_fraction, self.split_seed)
+        return self._classifier
+
+    def prompts(self) -> tuple[list[str], list[int], list[int]]:
+        """(captions, labels, seeds), class-major: all samples of digit 0 first."""
+        labels = [k for k in range(10) for _ in range(self.n_per_class)]
+        captions = [digit_caption(k, self.caption_template) for k in labels]
+        return captions, labels, [self.seed + i for i in range(len(labels))]
+
+    @torch.no_grad()
+    def score(self, pl_module) -> tuple[float, torch.Tensor]:
+        captions, labels, seeds = self.prompts()
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            images = pl_module.generate(captions, seeds, **self.sample_kwargs)
+        finally:
+            pl_module.train(was_training)
+        return self.classifier.accuracy(images, labels), images
+
+    def save_grid(self, images: torch.Tensor, path: Path) -> None:
+        grid = torchvision.utils.make_grid(images.float().cpu(), nrow=self.n_per_class, padding=1, pad_value=1.0)
+        pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        img = Image.fromarray(pixels)
+        img.resize((img.width * self.zoom, img.height * self.zoom), Image.Resampling.NEAREST).save(path)
+
+    @rank_zero_only
+    def _evaluate(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        folder = Path(self.logdir or trainer.default_root_dir)
+        if step != self._scored_step:  # training may end right after a validation: same weights, same samples
+            with trainer.precision_plugin.forward_context():
+                accuracy, images = self.score(pl_module)
+            self._scored_step, self.last_accuracy = step, accuracy
+            folder.mkdir(parents=True, exist_ok=True)
+            self.save_grid(images, folder / self.filename)
+            for logger in trainer.loggers:
+                logger.log_metrics({"val/prompt_accuracy": accuracy}, step=step)
+        print(f"step {step}: prompt-following accuracy: {100 * self.last_accuracy:.1f}% (chance 10%, classifier on "
+              f"real held-out digits {100 * self.classifier.heldout_accuracy:.1f}%); grid (row k = prompt k): "
+              f"{folder / self.filename}", flush=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.on_validation and not trainer.sanity_checking:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self._evaluate(trainer, pl_module)

@@ -1,0 +1,92 @@
+"""scikit-learn's handwritten digits (1,797 8x8 scans, bundled with sklearn) as a captioned image set.
+
+The data ships inside scikit-learn, so a demo config built on it trains with no download at all. Captions are
+made from the labels, so "does the model follow the prompt" has a ground truth (see
+``ldm.callbacks.digit_eval``). Train and validation splits are a fixed, class-stratified partition, so the
+classifier that scores samples and the diffusion model never see the validation digits.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ldm.util import ConfigError
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+MAX_VALUE = 16.0  # load_digits pixel values are integers 0..16
+
+
+def digit_caption(label: int, template: str = "a handwritten digit {digit}") -> str:
+    """``template`` with ``{digit}`` (the numeral) and/or ``{word}`` ("three") filled in."""
+    return template.format(digit=label, word=DIGIT_WORDS[label])
+
+
+def split_digits(split: str, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N,8,8) float in 0..16, labels (N,)) of one split of a seeded, per-class split of load_digits."""
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "val", "all"):
+        raise ConfigError(f"DigitsDataset: split must be 'train', 'val' or 'all', got {split!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"DigitsDataset: val_fraction must be in (0, 1), got {val_fraction}")
+    digits = load_digits()
+    images, labels = digits.images.astype(np.float32), digits.target.astype(np.int64)
+    if split == "all":
+        return images, labels
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(labels), dtype=bool)
+    for k in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        val[idx[: max(1, round(len(idx) * val_fraction))]] = True
+    keep = val if split == "val" else ~val
+    return images[keep], labels[keep]
+
+
+def to_model_range(images: np.ndarray, size: int = 8, channels: int = 1) -> torch.Tensor:
+    """(N,8,8) in 0..16 → (N,channels,size,size) in [-1,1]; upsampling is bilinear (antialiased strokes, not
+    blocky pixels), and ``channels=3`` repeats the gray plane for first stages that expect RGB."""
+    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / MAX_VALUE * 2 - 1
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.clamp(-1, 1).repeat(1, channels, 1, 1)
+
+
+def to_digit_range(images: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`to_model_range`: (N,C,H,W) in [-1,1] → (N,64) in 0..16 at 8x8, channels averaged,
+    downsampled by area averaging — the feature space the digit classifier is fitted in."""
+    x = images.detach().float().cpu().mean(dim=1, keepdim=True)
+    if x.shape[-1] != 8:
+        x = F.adaptive_avg_pool2d(x, 8)
+    return ((x.clamp(-1, 1) + 1) / 2 * MAX_VALUE).reshape(len(x), 64).numpy()
+
+
+class DigitsDataset(Dataset):
+    """Items ``{"image": (channels,size,size) in [-1,1], "caption": str, "label": int}``, held in memory.
+
+    Args:
+        split: ``train``, ``val`` or ``all``.
+        size: side length; 8 is the native resolution, larger sizes are bilinear upsamples.
+        channels: 1 for a pixel-space model on gray images, 3 for an RGB first stage.
+        caption_template: see :func:`digit_caption`.
+        val_fraction, seed: the stratified split (same values → same split everywhere).
+    """
+
+    def __init__(self, split: str = "train", size: int = 8, channels: int = 1,
+                 caption_template: str = "a handwritten digit {digit}", val_fraction: float = 0.1, seed: int = 0):
+        if size < 8:
+            raise ConfigError(f"DigitsDataset: size must be >= 8 (the native resolution), got {size}")
+        if channels not in (1, 3):
+            raise ConfigError(f"DigitsDataset: channels must be 1 or 3, got {channels}")
+        images, self.labels = split_digits(split, val_fraction, seed)
+        self.images = to_model_range(images, size, channels)
+        self.captions = [digit_caption(int(k), caption_template) for k in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i], "caption": self.captions[i], "label": int(self.labels[i])}

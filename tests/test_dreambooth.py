@@ -9,11 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from ldm.data.dreambooth import DreamBoothDataset, identifier_problems, rare_tokens
 from ldm.models.tokenizer import clip_tokenizer
 from ldm.util import ConfigError
+from tests.conftest import main_py, run_dirs
 from tests.test_model import tiny_model
 
 TRANSFORMS = [{"target": "torchvision.transforms.Resize", "params": {"size": 16}},
@@ -113,3 +115,102 @@ def test_class_images_are_generated_once_and_resume_with_the_same_seeds(tmp_path
     assert generate_class_images(model, folder, "a photo of a cat", 3, steps=2) == 1
     assert np.array_equal(np.asarray(Image.open(files[1])), first)
     assert not list(folder.glob(".*.tmp"))
+
+
+def distance_to(samples: torch.Tensor, images: torch.Tensor) -> float:
+    """Mean over samples of the pixel MSE to the nearest of ``images`` (both (N,3,H,W) in [-1, 1])."""
+    d = ((samples[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4))
+    return float(d.min(dim=1).values.mean())
+
+
+def dreambooth_overlay(tmp_path: Path, inst: Path, cls: Path, lr: float = 3e-3, steps: int = 300) -> Path:
+    """Tiny-model settings over configs/dreambooth.yaml: 16 px, a high LR for a random tiny model, few steps."""
+    cfg = {
+        "model": {"base_learning_rate": lr,
+                  "params": {"use_ema": False, "scheduler_config": None,
+                             "unet_config": {"params": {"gradient_checkpointing": False}},
+                             "cond_stage_config": {"params": {"ucg_rate": 0.0}}}},
+        "data": {"params": {"batch_size": 2, "num_workers": 0,
+                            "train": {"repeats": 4, "params": {"instance_data_dir": str(inst),
+                                                               "instance_prompt": "a photo of sks cat",
+                                                               "class_data_dir": str(cls),
+                                                               "class_prompt": "a photo of a cat",
+                                                               "num_class_images": 6,
+                                                               "image_transforms": TRANSFORMS}}}},
+        "lightning": {"trainer": {"accelerator": "cpu", "precision": 32, "max_steps": steps, "log_every_n_steps": 5,
+                                  "enable_progress_bar": False, "enable_model_summary": False},
+                      "modelcheckpoint": {"params": {"every_n_train_steps": None, "every_n_epochs": None}},
+                      "callbacks": {"class_images": {"params": {"batch_size": 6, "steps": 10, "guidance_scale": 1.0}},
+                                    "dreambooth_samples": {"params": {"every_n_steps": 100, "n": 2, "steps": 5,
+                                                                      "prompts": ["sks cat in the style of pixar"]}}}},
+    }
+    path = tmp_path / "overlay.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_dreambooth(tmp_path: Path, lora: bool = False) -> tuple[Path, Path, Path]:
+    inst, cls = subject_photos(tmp_path / "inst"), tmp_path / "class"
+    bases = ["configs/dreambooth.yaml", "configs/tiny/tiny-sd.yaml"] + (["configs/dreambooth-lora.yaml"] if lora else [])
+    overlay = dreambooth_overlay(tmp_path, inst, cls, lr=1e-2 if lora else 3e-3, steps=150)
+    proc = main_py("-t", "--no-test", "--base", *bases, overlay,
+                   "-l", tmp_path / "logs", "-n", "db", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = run_dirs(tmp_path / "logs")
+    return run, inst, cls
+
+
+def closeness(model, inst: Path, cls: Path, guidance_scale: float = 1.0) -> dict[str, float]:
+    """Distances of instance-prompt and class-prompt samples to the instance photos and to the class images."""
+    from ldm.data.folder import FolderDataset
+
+    def load(root):
+        ds = FolderDataset(str(root), image_transforms=TRANSFORMS)
+        return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+    inst_images, class_images = load(inst), load(cls)
+    seeds = list(range(100, 108))
+    kw = {"steps": 10, "guidance_scale": guidance_scale, "size": 16}
+    s_inst = model.generate(["a photo of sks cat"] * len(seeds), seeds, **kw)
+    s_cls = model.generate(["a photo of a cat"] * len(seeds), seeds, **kw)
+    return {"instance_prompt_to_photos": distance_to(s_inst, inst_images),
+            "class_prompt_to_photos": distance_to(s_cls, inst_images),
+            "class_prompt_to_class_images": distance_to(s_cls, class_images)}
+
+
+def load_run(run: Path):
+    from ldm.models.diffusion import LatentDiffusion
+    from ldm.util import instantiate_from_config
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(next((run / "configs").glob("*-project.yaml")))
+    model = instantiate_from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    assert isinstance(model, LatentDiffusion)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_end_to_end_dreambooth_run(tmp_path, lora):
+    """The user's path: configs/dreambooth.yaml (+ dreambooth-lora.yaml) on the tiny model through main.py."""
+    run, inst, cls = run_dreambooth(tmp_path, lora)
+    assert len(list(cls.glob("class-*.png"))) == 6  # generated by the base model before training
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "train/instance_loss" in header and "train/prior_loss" in header
+    grids = sorted((run / "images" / "train").glob("dreambooth_gs-*.png"))
+    assert [g.name for g in grids] == ["dreambooth_gs-000001.png", "dreambooth_gs-000100.png", "dreambooth_gs-000150.png"]
+    assert Image.open(grids[-1]).size[1] == 3 * 18 + 2  # rows: instance prompt, class prompt, user prompt
+    model = load_run(run)
+    if lora:
+        from diffusers import StableDiffusionPipeline
+
+        adapter = run / "lora" / "pytorch_lora_weights.safetensors"
+        assert adapter.stat().st_size < 0.1 * 4 * sum(p.numel() for p in model.unet.parameters())
+        state, _ = StableDiffusionPipeline.lora_state_dict(str(adapter))
+        assert state and all(k.startswith("unet.") for k in state)
+    d = closeness(model, inst, cls)
+    print(f"DreamBooth tiny run ({'lora' if lora else 'full'}):", {k: round(v, 4) for k, v in d.items()})
+    # The base model's class images stay what the class prompt gives.
+    assert d["class_prompt_to_class_images"] < d["class_prompt_to_photos"]

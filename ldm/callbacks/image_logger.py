@@ -11,9 +11,14 @@ from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
 
-def to_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """(B,3,H,W) in [-1, 1] → an HxWx3 uint8 grid."""
-    grid = torchvision.utils.make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+def to_grid(images: torch.Tensor, nrow: int, min_tile: int = 64) -> np.ndarray:
+    """(B,C,H,W) in [-1, 1] → an HxWx3 uint8 grid; tiles smaller than ``min_tile`` are enlarged (nearest) so
+    8-pixel demo samples are visible."""
+    images = images.detach().float().cpu()
+    zoom = max(1, min_tile // images.shape[-1])
+    if zoom > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=zoom, mode="nearest")
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
     return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 

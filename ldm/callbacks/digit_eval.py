@@ -56,7 +56,7 @@ class DigitScore(pl.Callback):
         self.logdir, self.filename, self.zoom, self.on_validation = logdir, filename, zoom, on_validation
         self._classifier: DigitClassifier | None = None
         self._scored_step = -1
-        self.last_accuracy: float | None = None
+        self.last_score: float | None = None
 
     @property
     def classifier(self) -> DigitClassifier:
@@ -82,26 +82,33 @@ class DigitScore(pl.Callback):
         return self.classifier.accuracy(images, labels), images
 
     def save_grid(self, images: torch.Tensor, path: Path) -> None:
-        grid = torchvision.utils.make_grid(images.float().cpu(), nrow=self.n_per_class, padding=1, pad_value=1.0)
-        pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        img = Image.fromarray(pixels)
-        img.resize((img.width * self.zoom, img.height * self.zoom), Image.Resampling.NEAREST).save(path)
+        save_zoomed_grid(images, self.n_per_class, self.zoom, path)
+
+    # The two pieces a sibling score (e.g. ldm.callbacks.variation_eval.VariationScore) replaces.
+    metric = "val/prompt_accuracy"
+
+    def evaluate_once(self, pl_module, path: Path) -> float:
+        """Sample, score and save the grid at ``path``; return the score."""
+        accuracy, images = self.score(pl_module)
+        self.save_grid(images, path)
+        return accuracy
+
+    def figure(self, score: float, path: Path) -> str:
+        return (f"prompt-following accuracy: {100 * score:.1f}% (chance 10%, classifier on real held-out digits "
+                f"{100 * self.classifier.heldout_accuracy:.1f}%); grid (row k = prompt k): {path}")
 
     @rank_zero_only
     def _evaluate(self, trainer, pl_module) -> None:
         step = trainer.global_step
         folder = Path(self.logdir or trainer.default_root_dir)
         if step != self._scored_step:  # training may end right after a validation: same weights, same samples
-            with trainer.precision_plugin.forward_context():
-                accuracy, images = self.score(pl_module)
-            self._scored_step, self.last_accuracy = step, accuracy
             folder.mkdir(parents=True, exist_ok=True)
-            self.save_grid(images, folder / self.filename)
+            with trainer.precision_plugin.forward_context():
+                self.last_score = self.evaluate_once(pl_module, folder / self.filename)
+            self._scored_step = step
             for logger in trainer.loggers:
-                logger.log_metrics({"val/prompt_accuracy": accuracy}, step=step)
-        print(f"step {step}: prompt-following accuracy: {100 * self.last_accuracy:.1f}% (chance 10%, classifier on "
-              f"real held-out digits {100 * self.classifier.heldout_accuracy:.1f}%); grid (row k = prompt k): "
-              f"{folder / self.filename}", flush=True)
+                logger.log_metrics({self.metric: self.last_score}, step=step)
+        print(f"step {step}: {self.figure(self.last_score, folder / self.filename)}", flush=True)
 
     def on_validation_end(self, trainer, pl_module):
         if self.on_validation and not trainer.sanity_checking:
@@ -109,3 +116,11 @@ class DigitScore(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._evaluate(trainer, pl_module)
+
+
+def save_zoomed_grid(images: torch.Tensor, nrow: int, zoom: int, path: Path) -> None:
+    """Small digits as a PNG a person can see: a grid enlarged ``zoom`` times without smoothing."""
+    grid = torchvision.utils.make_grid(images.float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
+    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(pixels)
+    img.resize((img.width * zoom, img.height * zoom), Image.Resampling.NEAREST).save(path)

@@ -10,13 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-import torchvision
-from PIL import Image
-from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.callbacks.digit_eval import DigitClassifier
+from ldm.callbacks.digit_eval import DigitScore, save_zoomed_grid
 from ldm.data.digits import split_digits, to_model_range
 
 
@@ -28,32 +24,24 @@ def heldout_inputs(n_per_class: int, size: int, channels: int, val_fraction: flo
     return to_model_range(images[idx], size, channels), labels[idx]
 
 
-class VariationScore(pl.Callback):
+class VariationScore(DigitScore):
     """After each validation and at the end of training: one variation per held-out input (seeds ``seed + i``),
     log ``val/class_kept``, print the figure line and save ``<logdir>/<filename>`` (for each class a row of
-    inputs above a row of their variations).
+    inputs above a row of their variations). Scheduling, logging and printing are :class:`DigitScore`'s.
 
     ``size``/``channels`` must match the dataset the model trains on (``DigitsDataset``'s).
     """
+
+    metric = "val/class_kept"
 
     def __init__(self, n_per_class: int = 10, size: int = 8, channels: int = 1, seed: int = 0, sampler: str = "ddim",
                  steps: int = 25, guidance_scale: float = 3.0, val_fraction: float = 0.1, split_seed: int = 0,
                  logdir: str | None = None, filename: str = "digit_variations.png", zoom: int = 4,
                  on_validation: bool = True):
-        super().__init__()
-        self.n_per_class, self.size, self.channels, self.seed = n_per_class, size, channels, seed
-        self.sample_kwargs = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
-        self.val_fraction, self.split_seed = val_fraction, split_seed
-        self.logdir, self.filename, self.zoom, self.on_validation = logdir, filename, zoom, on_validation
-        self._classifier: DigitClassifier | None = None
-        self._scored_step = -1
-        self.last_score: float | None = None
-
-    @property
-    def classifier(self) -> DigitClassifier:
-        if self._classifier is None:  # fitted on first use: building the callback stays instant
-            self._classifier = DigitClassifier(self.val_fraction, self.split_seed)
-        return self._classifier
+        super().__init__(n_per_class=n_per_class, seed=seed, sampler=sampler, steps=steps,
+                         guidance_scale=guidance_scale, val_fraction=val_fraction, split_seed=split_seed,
+                         logdir=logdir, filename=filename, zoom=zoom, on_validation=on_validation)
+        self.size, self.channels = size, channels
 
     @torch.no_grad()
     def score(self, pl_module) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -71,31 +59,13 @@ class VariationScore(pl.Callback):
     def save_grid(self, inputs: torch.Tensor, outputs: torch.Tensor, path: Path) -> None:
         k = self.n_per_class
         rows = [part for c in range(10) for part in (inputs[c * k:(c + 1) * k], outputs[c * k:(c + 1) * k])]
-        grid = torchvision.utils.make_grid(torch.cat(rows).float(), nrow=k, padding=1, pad_value=1.0)
-        pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        img = Image.fromarray(pixels)
-        img.resize((img.width * self.zoom, img.height * self.zoom), Image.Resampling.NEAREST).save(path)
+        save_zoomed_grid(torch.cat(rows), k, self.zoom, path)
 
-    @rank_zero_only
-    def _evaluate(self, trainer, pl_module) -> None:
-        step = trainer.global_step
-        if step == self._scored_step:
-            return  # training ended right after a validation: same weights, same samples
-        with trainer.precision_plugin.forward_context():
-            score, inputs, outputs = self.score(pl_module)
-        self._scored_step, self.last_score = step, score
-        folder = Path(self.logdir or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.save_grid(inputs, outputs, folder / self.filename)
-        for logger in trainer.loggers:
-            logger.log_metrics({"val/class_kept": score}, step=step)
-        print(f"step {step}: variations keep their input's class: {100 * score:.1f}% (chance 10%, classifier on "
-              f"real held-out digits {100 * self.classifier.heldout_accuracy:.1f}%); grid (inputs above their "
-              f"variations): {folder / self.filename}", flush=True)
+    def evaluate_once(self, pl_module, path: Path) -> float:
+        score, inputs, outputs = self.score(pl_module)
+        self.save_grid(inputs, outputs, path)
+        return score
 
-    def on_validation_end(self, trainer, pl_module):
-        if self.on_validation and not trainer.sanity_checking:
-            self._evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self._evaluate(trainer, pl_module)
+    def figure(self, score: float, path: Path) -> str:
+        return (f"variations keep their input's class: {100 * score:.1f}% (chance 10%, classifier on real held-out "
+                f"digits {100 * self.classifier.heldout_accuracy:.1f}%); grid (inputs above their variations): {path}")

@@ -73,12 +73,7 @@ class DigitScore(pl.Callback):
     @torch.no_grad()
     def score(self, pl_module) -> tuple[float, torch.Tensor]:
         captions, labels, seeds = self.prompts()
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            images = pl_module.generate(captions, seeds, **self.sample_kwargs)
-        finally:
-            pl_module.train(was_training)
+        images = pl_module.generate(captions, seeds, **self.sample_kwargs)
         return self.classifier.accuracy(images, labels), images
 
     def save_grid(self, images: torch.Tensor, path: Path) -> None:

@@ -57,19 +57,14 @@ def generate_class_images(model, folder: str | Path, prompt: str, count: int, ba
         if not (folder / f"class-{seed:05d}.png").exists():
             todo.append(seed)
         seed += 1
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(todo), batch_size), desc=f"class images for {prompt!r}", unit="batch"):
-            seeds = todo[start:start + batch_size]
-            images = model.generate([prompt] * len(seeds), seeds, size=size, sampler=sampler, steps=steps,
-                                    guidance_scale=guidance_scale, negative_prompt=negative_prompt, use_ema=False)
-            for seed, image in zip(seeds, images):
-                tmp = folder / f".class-{seed:05d}.png.tmp"
-                to_pil(image).save(tmp, format="PNG")
-                os.replace(tmp, folder / f"class-{seed:05d}.png")
-    finally:
-        model.train(was_training)
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"class images for {prompt!r}", unit="batch"):
+        seeds = todo[start:start + batch_size]
+        images = model.generate([prompt] * len(seeds), seeds, size=size, sampler=sampler, steps=steps,
+                                guidance_scale=guidance_scale, negative_prompt=negative_prompt, use_ema=False)
+        for seed, image in zip(seeds, images):
+            tmp = folder / f".class-{seed:05d}.png.tmp"
+            to_pil(image).save(tmp, format="PNG")
+            os.replace(tmp, folder / f"class-{seed:05d}.png")
     return len(todo)
 
 
@@ -137,12 +132,7 @@ class DreamBoothSamples(pl.Callback):
         rows = self.rows(trainer)
         captions = [p for p in rows for _ in range(self.n)]
         seeds = [self.seed + i for _ in rows for i in range(self.n)]
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            images = pl_module.generate(captions, seeds, **self.sample_kwargs)
-        finally:
-            pl_module.train(was_training)
+        images = pl_module.generate(captions, seeds, **self.sample_kwargs)
         folder = Path(trainer.default_root_dir) / "images" / "train"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"dreambooth_gs-{step:06}.png"

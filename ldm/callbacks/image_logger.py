@@ -55,13 +55,8 @@ class ImageLogger(pl.Callback):
 
     @rank_zero_only
     def log_batch(self, trainer, pl_module, batch, batch_idx: int, split: str) -> dict[str, Path]:
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
-                images = pl_module.log_images(batch, n=self.max_images, **self.sample_kwargs)
-        finally:
-            pl_module.train(was_training)
+        with trainer.precision_plugin.forward_context():
+            images = pl_module.log_images(batch, n=self.max_images, **self.sample_kwargs)
         written = {}
         folder = self.logdir / "images" / split
         folder.mkdir(parents=True, exist_ok=True)

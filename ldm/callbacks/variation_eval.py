@@ -48,12 +48,7 @@ class VariationScore(DigitScore):
         """(fraction of variations classified as their input's digit, inputs, variations)."""
         inputs, labels = heldout_inputs(self.n_per_class, self.size, self.channels, self.val_fraction, self.split_seed)
         seeds = [self.seed + i for i in range(len(labels))]
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            outputs = pl_module.generate(inputs.to(pl_module.device), seeds, size=self.size, **self.sample_kwargs)
-        finally:
-            pl_module.train(was_training)
+        outputs = pl_module.generate(inputs.to(pl_module.device), seeds, size=self.size, **self.sample_kwargs)
         return self.classifier.accuracy(outputs, labels), inputs, outputs.cpu()
 
     def save_grid(self, inputs: torch.Tensor, outputs: torch.Tensor, path: Path) -> None:

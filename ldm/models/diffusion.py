@@ -133,6 +133,16 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---- EMA and sampling -----------------------------------------------------------------------------
     @contextmanager
+    def eval_mode(self):
+        """Eval mode for sampling in the middle of training (callbacks), then back to what it was."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    @contextmanager
     def ema_scope(self):
         """Swap EMA weights in for sampling/validation when configured; the training weights come back after."""
         if self.model_ema is not None and self.sample_with_ema:
@@ -168,8 +178,7 @@ class LatentDiffusion(pl.LightningModule):
             uncond = self.cond_stage_model([negative_prompt] * n) if negative_prompt else \
                 self.cond_stage_model.unconditional(n)
         denoise = lambda x, t, c: self.unet(x, t, encoder_hidden_states=c).sample
-        scope = self.ema_scope() if use_ema else nullcontext()
-        with scope:
+        with self.eval_mode(), self.ema_scope() if use_ema else nullcontext():
             z = sample(denoise, scheduler, cond, uncond, latents.shape, steps=steps, guidance_scale=guidance_scale,
                        eta=eta, generator=torch.Generator().manual_seed(int(seeds[0])), latents=latents)
         return self.first_stage_model.decode(z).clamp(-1, 1)

@@ -12,6 +12,7 @@ image logger, instead gives every caption its own seed, so a logged prompt looks
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -51,12 +52,19 @@ def precision_name(dtype: torch.dtype) -> str:
 
 
 def load(ckpt: str, config: str | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32, ema: bool = True):
+         dtype: torch.dtype = torch.float32, ema: bool = True, lora: str | None = None, lora_scale: float = 1.0):
     """A model ready to sample: weights from ``ckpt`` (run dir, training checkpoint, diffusers folder or single
-    file), the UNet and text encoder in ``dtype`` on ``device``. The VAE stays fp32 (SD v1's overflows in fp16)."""
+    file), plus a LoRA adapter file at ``lora_scale`` when ``lora`` is given, the UNet and text encoder in
+    ``dtype`` on ``device``. The VAE stays fp32 (SD v1's overflows in fp16)."""
     from ldm.weights.load import load_model
 
     model = load_model(ckpt, config=config, ema=ema, device=device)
+    if lora:
+        from ldm.lora import load_lora
+
+        if not Path(lora).is_file():
+            raise ConfigError(f"--lora {lora!r} is not a file (a diffusers LoRA .safetensors, e.g. <run>/lora/...)")
+        load_lora(model, lora, lora_scale)
     if dtype != torch.float32:
         # nn.Module.to: diffusers' own .to warns about fp32-only modules even when the UNet has none.
         torch.nn.Module.to(model.unet, dtype)

@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "full/fp32, fp16, bf16 (default: auto)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:1, mps, cpu")
     p.add_argument("--no_ema", action="store_true", help="sample with the raw weights, not the EMA copy")
+    p.add_argument("--lora", default=None, metavar="FILE",
+                   help="a LoRA adapter (.safetensors in diffusers' format, e.g. <run>/lora/pytorch_lora_weights.safetensors)")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the --lora adapter (default: 1.0)")
 
 
 def add_sampler_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:
@@ -100,6 +103,7 @@ def apply_png(args, img2img: bool) -> int:
     args.ddim_steps, args.ddim_eta, args.skip_grid, args.skip_save = meta["steps"], meta["eta"], True, False
     args.ckpt, args.config = args.ckpt or meta["model"], args.config or meta.get("config")
     args.precision, args.no_ema = args.precision or meta["precision"], not meta["ema"]
+    args.lora, args.lora_scale = args.lora or meta.get("lora"), meta.get("lora_scale", args.lora_scale)
     if img2img:
         args.strength = meta["strength"]
         if args.init_img is None:
@@ -120,6 +124,8 @@ def sample_settings(args, kind: str, height: int, width: int, dtype, device) -> 
                 "precision": precision_name(dtype), "device": device.type}
     if args.config:
         settings["config"] = str(Path(args.config).resolve())
+    if args.lora:
+        settings.update(lora=str(Path(args.lora).resolve()), lora_scale=args.lora_scale)
     return settings
 
 
@@ -143,7 +149,8 @@ def run(args, img2img: bool) -> list[Path]:
         raise ConfigError("--n_samples and --n_iter must be at least 1")
     device = inference.pick_device(args.device)
     dtype = inference.pick_dtype(args.precision or "auto", device)
-    model = inference.load(args.ckpt, args.config, device, dtype, ema=not args.no_ema)
+    model = inference.load(args.ckpt, args.config, device, dtype, ema=not args.no_ema, lora=args.lora,
+                           lora_scale=args.lora_scale)
     if img2img:
         width, height = init.size
         init_x = outputs.image_to_tensor(init, inference.image_channels(model))

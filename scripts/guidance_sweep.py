@@ -45,7 +45,8 @@ def sweep(args) -> Path:
         raise ConfigError("--scale is one value; give the rows with --scales")
     device = inference.pick_device(args.device)
     dtype = inference.pick_dtype(args.precision or "auto", device)
-    model = inference.load(args.ckpt, args.config, device, dtype, ema=not args.no_ema)
+    model = inference.load(args.ckpt, args.config, device, dtype, ema=not args.no_ema, lora=args.lora,
+                           lora_scale=args.lora_scale)
     height, width = args.H or model.default_image_size(), args.W or model.default_image_size()
     inference.warn(inference.truncation_warnings(model, [args.prompt]))
     outdir = Path(args.outdir)

@@ -64,7 +64,7 @@ def denoise_gif(args) -> Path:
         raise ConfigError(f"--every must be at least 1, got {args.every}")
     device = inference.pick_device(args.device)
     model = inference.load(args.ckpt, args.config, device, inference.pick_dtype(args.precision or "auto", device),
-                           ema=not args.no_ema)
+                           ema=not args.no_ema, lora=args.lora, lora_scale=args.lora_scale)
     height, width = args.H or model.default_image_size(), args.W or model.default_image_size()
     inference.warn(inference.truncation_warnings(model, [args.prompt]))
     scheduler = make_scheduler(args.sampler, model.schedule.scheduler_config())

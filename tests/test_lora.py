@@ -105,3 +105,29 @@ def test_merge_gives_the_samples_of_adapter_plus_base(tiny_folder, tmp_path):
     assert torch.allclose(run(base), run(merged), atol=1e-4)
     assert lora_cli(["merge", "--base", str(tiny_folder), "--lora", str(tmp_path / "none.safetensors"),
                      "--out", str(tmp_path / "x")]) == 2
+
+
+def test_txt2img_with_lora_draws_the_merged_models_images(tiny_folder, tmp_path):
+    """`txt2img.py --lora` on the base folder == txt2img on the merged folder; the adapter is in the PNG's settings."""
+    import numpy as np
+    from lora import main as lora_cli
+    from PIL import Image
+    from txt2img import main as txt2img
+
+    from ldm.lora import save_lora
+    from ldm.outputs import read_png_meta
+
+    path = save_lora(trained_lora_model(tiny_folder), tmp_path / "adapter.safetensors")
+    assert lora_cli(["merge", "--base", str(tiny_folder), "--lora", str(path), "--out", str(tmp_path / "merged")]) == 0
+    common = ["--prompt", "a photo of sks dog", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3",
+              "--H", "16", "--W", "16", "--seed", "3", "--skip_grid"]
+    assert txt2img(["--ckpt", str(tiny_folder), "--lora", str(path), "--outdir", str(tmp_path / "a"), *common]) == 0
+    assert txt2img(["--ckpt", str(tmp_path / "merged"), "--outdir", str(tmp_path / "b"), *common]) == 0
+    assert txt2img(["--ckpt", str(tiny_folder), "--outdir", str(tmp_path / "c"), *common]) == 0
+    pixels = {k: np.asarray(Image.open(tmp_path / k / "samples" / "00000.png"), dtype=float) for k in "abc"}
+    assert np.abs(pixels["a"] - pixels["b"]).mean() <= 1.0, "adapter + base samples like the merged weights"
+    assert np.abs(pixels["a"] - pixels["c"]).mean() > 1.0, "the adapter changes the image"
+    meta = read_png_meta(tmp_path / "a" / "samples" / "00000.png")
+    assert meta["lora"] == str(path.resolve()) and meta["lora_scale"] == 1.0
+    assert txt2img(["--ckpt", str(tiny_folder), "--lora", str(tmp_path / "none.safetensors"),
+                    "--outdir", str(tmp_path / "d"), *common]) == 2

@@ -87,7 +87,6 @@ class LatentDiffusion(pl.LightningModule):
         return self.schedule.loss(pred, self.schedule.target(z, noise, t), t)
 
     def training_step(self, batch, batch_idx):
-        # Stop before backward and before any checkpoint of this step: earlier checkpoints stay good.
         loss = self.diffusion_loss(batch)
         if "class_image" in batch:  # DreamBooth prior preservation (ldm.data.dreambooth): the class half's loss
             prior = self.diffusion_loss({self.first_stage_key: batch["class_image"],
@@ -96,6 +95,7 @@ class LatentDiffusion(pl.LightningModule):
             self.log("train/instance_loss", loss, on_step=True, on_epoch=False, batch_size=n)
             self.log("train/prior_loss", prior, on_step=True, on_epoch=False, batch_size=n)
             loss = loss + self.prior_loss_weight * prior
+        # Stop before backward and before any checkpoint of this step: earlier checkpoints stay good.
         loss = check_finite(loss, self.global_step, last_good_checkpoint(self.trainer))
         # The per-step value is this rank's (an all-reduce every step would stall multi-GPU training);
         # the epoch mean is averaged over all ranks, once per epoch.

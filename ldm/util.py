@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+import sys
+from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
@@ -44,3 +45,13 @@ def instantiate_from_config(config: Mapping | None, **extra: Any) -> Any:
 
 def count_params(module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def run_cli(action: Callable[..., Any], *args: Any) -> int:
+    """A script's exit code for ``action(*args)``: 0, or 2 after one ``error:`` line when the user's input is wrong."""
+    try:
+        action(*args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

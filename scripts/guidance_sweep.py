@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import this project's ldm from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is local; never wait on the Hub
 
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import ConfigError, run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +85,7 @@ def sweep(args) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        sweep(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(sweep, args)
 
 
 if __name__ == "__main__":

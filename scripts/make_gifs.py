@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import this project's ldm from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is local; never wait on the Hub
 
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import ConfigError, run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,12 +143,7 @@ def checkpoint_gifs(args) -> list[Path]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        (denoise_gif if args.command == "denoise" else checkpoint_gifs)(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(denoise_gif if args.command == "denoise" else checkpoint_gifs, args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python scripts/make_tiny_sd.py` from anywhere: import this project's ldm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never wait on the Hub
 
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import ConfigError, run_cli  # noqa: E402
 
 TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-sd.yaml"
 FULL_CONFIG = ROOT / "configs" / "pokemon.yaml"
@@ -117,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     config = Path(args.config) if args.config else FULL_CONFIG if args.full_size else TINY_CONFIG
-    try:
-        make_pipeline_folder(config, Path(args.out), args.seed, args.force)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(make_pipeline_folder, config, Path(args.out), args.seed, args.force)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # import this project's ldm from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is local; never wait on the Hub
 
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import ConfigError, run_cli  # noqa: E402
 
 TARGET = 1.0
 
@@ -121,22 +121,20 @@ def benchmark(args, folder: Path) -> str:
     return head + "\n" + report(times[ours], times[theirs], diff)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.ckpt:
-            print(benchmark(args, Path(args.ckpt)))
-            return 0
-        sys.path.insert(0, str(REPO / "scripts"))
-        from make_tiny_sd import TINY_CONFIG, make_pipeline_folder
+def run(args) -> None:
+    if args.ckpt:
+        print(benchmark(args, Path(args.ckpt)))
+        return
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_sd import TINY_CONFIG, make_pipeline_folder
 
-        with tempfile.TemporaryDirectory() as tmp:
-            make_pipeline_folder(TINY_CONFIG, Path(tmp) / "tiny-sd")
-            print(benchmark(args, Path(tmp) / "tiny-sd"))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        make_pipeline_folder(TINY_CONFIG, Path(tmp) / "tiny-sd")
+        print(benchmark(args, Path(tmp) / "tiny-sd"))
+
+
+def main(argv=None) -> int:
+    return run_cli(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

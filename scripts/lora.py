@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never wait on the Hub
 
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import ConfigError, run_cli  # noqa: E402
 
 
 def merge(base: Path, lora: Path, out: Path, scale: float = 1.0) -> Path:
@@ -68,15 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ckpt", type=Path, required=True)
     e.add_argument("--out", type=Path, required=True, help="adapter .safetensors to write")
     args = p.parse_args(argv)
-    try:
-        if args.command == "merge":
-            print(f"merged into {merge(args.base, args.lora, args.out, args.scale)}")
-        else:
-            print(f"wrote {extract(args.ckpt, args.out)}")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    if args.command == "merge":
+        return run_cli(lambda: print(f"merged into {merge(args.base, args.lora, args.out, args.scale)}"))
+    return run_cli(lambda: print(f"wrote {extract(args.ckpt, args.out)}"))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The published image-variations layout: a diffusers folder with image_encoder/ and feature_extractor/ that
-StableDiffusionImageVariationPipeline loads, exported from a training checkpoint and loaded back bit-exactly."""
+"""The published image-variations layouts: a diffusers folder with image_encoder/ and feature_extractor/ that
+StableDiffusionImageVariationPipeline loads, and the original single file with OpenAI CLIP's image tower under
+cond_stage_model.model.visual; both exported from a training checkpoint and loaded back bit-exactly."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import torch
 
 from ldm.util import ConfigError
 from ldm.weights import export_diffusers, export_single_file, load_model, prepare
-from tests.test_variations import images, save_training_ckpt, tiny_section
+from ldm.weights.original import VISUAL, describe, project_to_original
+from tests.test_variations import TINY_VAR, images, save_training_ckpt, tiny_section
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,64 @@ def test_folder_loads_back_bit_exact_with_its_preprocessing(exported):
     assert "image-variations" in b.weights_summary or "diffusers" in b.weights_summary
 
 
-def test_single_file_export_is_refused_in_one_line(exported, tmp_path):
-    with pytest.raises(ConfigError, match="diffusers folder"):
-        export_single_file(prepare(exported[0]), tmp_path / "x.safetensors", progress=False)
+def test_single_file_round_trip_keeps_weights_and_preprocessing(exported, tmp_path):
+    ckpt = exported[0]
+    out = export_single_file(prepare(ckpt), tmp_path / "var.safetensors", progress=False)
+    from ldm.weights.files import read_safetensors
+
+    tensors, _ = read_safetensors(out)
+    assert any(k.startswith(VISUAL + "transformer.resblocks.") for k in tensors)
+    assert VISUAL + "proj" in tensors and not any(k.startswith("cond_stage_model.encoder.") for k in tensors)
+    assert describe(tensors).startswith("image-variations-shaped (CLIP image encoder, 32-d context")
+    a, b = load_model(ckpt), load_model(out)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert b.cond_stage_model.interpolation == "bilinear"  # the config travels in the file's metadata
+
+
+def open_clip_model(seed: int = 3):
+    """A tiny OpenAI-style CLIP from open_clip (the layout original variations checkpoints hold), shaped like
+    configs/tiny/tiny-variations.yaml's image encoder."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    vision = dict(image_size=16, patch_size=4, width=32, head_width=8, layers=2, mlp_ratio=2.0)
+    text = dict(context_length=8, vocab_size=100, width=32, heads=4, layers=1)
+    return open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
+
+
+def test_original_variations_checkpoint_loads_with_the_same_image_embedding(tmp_path):
+    """A CompVis-style variations .ckpt (UNet, VAE, and a whole OpenAI CLIP model of which only the image tower
+    is used) loads into the variations model, and the conditioner embeds images exactly as OpenAI CLIP does."""
+    clip = open_clip_model()
+    base = save_training_ckpt(tmp_path / "base.ckpt", tiny_section(), seed=4)
+    state = {k: v for k, v in project_to_original(base.state_dict()).items() if not k.startswith(VISUAL)}
+    state.update({"cond_stage_model.model." + k: v for k, v in clip.state_dict().items()})
+    torch.save({"state_dict": state, "global_step": 7}, tmp_path / "original.ckpt")
+    with pytest.raises(ConfigError, match="image-variations-shaped"):
+        load_model(tmp_path / "original.ckpt")  # not SD v1's size: its architecture must be given
+    model = load_model(tmp_path / "original.ckpt", config=TINY_VAR)
+    pixels = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.cond_stage_model.encoder(pixel_values=pixels).image_embeds
+        theirs = clip.encode_image(pixels)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    for name, value in base.unet.state_dict().items():
+        assert torch.equal(model.unet.state_dict()[name], value), name
+
+
+def test_sd_sized_variations_file_gets_the_recipe_architecture(tmp_path):
+    """A full-size original variations file needs no config: it is recognised and built as
+    configs/image-variations.yaml's model (checked on the meta device: no memory, no download)."""
+    from ldm.util import instantiate_from_config
+    from ldm.weights.load import for_inference, resolve_config
+    from ldm.weights.source import Source
+
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    state = {key: torch.zeros(320, 768), VISUAL + "proj": torch.zeros(1024, 768)}
+    section, origin = resolve_config(Source(tmp_path / "sd-image-variations.ckpt", "original", state))
+    assert "image-variations.yaml" in origin and "SD image variations" in origin
+    with torch.device("meta"):
+        model = instantiate_from_config(for_inference(section))
+    assert model.cond_stage_key == "image" and model.cond_stage_model.encoder.config.hidden_size == 1024
+    assert model.unet.config.cross_attention_dim == 768

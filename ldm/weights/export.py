@@ -62,16 +62,16 @@ def prepare(path: str | Path, ema: bool | None = None, config=None) -> Exportabl
 
 def text_layout(model) -> str:
     """OpenAI CLIP (SD v1) uses quick-GELU; OpenCLIP's ViT-H (SD 2.x) uses GELU and its own key layout."""
-    return "open_clip" if model.cond_stage_model.transformer.config.hidden_act == "gelu" else "clip"
+    text = getattr(model.cond_stage_model, "transformer", None)  # image-variations models have none
+    return "open_clip" if text is not None and text.config.hidden_act == "gelu" else "clip"
 
 
 def export_single_file(item: Exportable, out: str | Path, half: bool = False, progress: bool = True) -> Path:
-    """An original-layout ``.safetensors`` (A1111, ComfyUI, diffusers ``from_single_file``)."""
+    """An original-layout ``.safetensors`` (A1111, ComfyUI, diffusers ``from_single_file``); an image-variations
+    model's CLIP image tower goes under ``cond_stage_model.model.visual.`` as in the original variations files."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"single-file exports are .safetensors (weights only, no pickle); got {str(out)!r}")
-    if not hasattr(item.model.cond_stage_model, "transformer"):
-        raise ConfigError("image-variations models export as a diffusers folder (--diffusers), not as a single file")
     tensors = project_to_original(item.state, text_layout(item.model))
     meta = {"format": "pt", **item.metadata(), "sd_finetune.dtype": "float16" if half else "float32"}
     out.parent.mkdir(parents=True, exist_ok=True)

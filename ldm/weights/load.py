@@ -13,6 +13,7 @@ from ldm.weights.source import Source, model_config_from_folder, open_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 SD_V1_CONFIG = ROOT / "configs" / "pokemon.yaml"  # its model section is SD v1's architecture, written out
+VARIATIONS_CONFIG = ROOT / "configs" / "image-variations.yaml"  # SD v1 with CLIP ViT-L/14's image tower
 
 
 def model_description(model) -> str:
@@ -50,7 +51,8 @@ def project_state(model, src: Source, ema: bool) -> tuple[dict, int]:
     a model that keeps EMA, the copy goes to ``model_ema`` (so fine-tuning continues both)."""
     if src.kind != "original":
         return _ema_onto_unet(src.state, ema)
-    configs = (model.unet.config, model.first_stage_model.vae.config, model.cond_stage_model.transformer)
+    configs = (model.unet.config, model.first_stage_model.vae.config,
+               getattr(model.cond_stage_model, "transformer", None))  # None: an image-variations model
     state, n_ema = original_to_project(src.state, *configs, ema=ema)
     if getattr(model, "model_ema", None) is not None and has_original_ema(src.state):
         shadow, _ = original_to_project(src.state, *configs, ema=True)
@@ -133,8 +135,9 @@ def resolve_config(src: Source, config=None) -> tuple[dict, str]:
         return copy.deepcopy(src.config), f"the config stored in {src.path.name}"
     if src.kind == "diffusers":
         return model_config_from_folder(src.path), f"{src.path}'s json configs"
-    if src.description.startswith("SD v1 "):
-        return _model_section(SD_V1_CONFIG), f"{SD_V1_CONFIG.relative_to(ROOT)} (detected {src.description})"
+    for name, known in (("SD v1 ", SD_V1_CONFIG), ("SD image variations ", VARIATIONS_CONFIG)):
+        if src.description.startswith(name):
+            return _model_section(known), f"{known.relative_to(ROOT)} (detected {src.description})"
     raise ConfigError(f"{str(src.path)!r} is {src.description} and holds no architecture: pass a config "
                       "(configs/sd-v2.yaml for SD 2.x 512 px epsilon, configs/sd-v2-768-v.yaml for 768 px "
                       "v-prediction, any YAML with a model section, or a diffusers folder of the same model)")
@@ -147,7 +150,7 @@ def for_inference(section: dict) -> dict:
     params.update(pretrained=None, use_ema=False)
     for block in ("unet_config", "first_stage_config", "cond_stage_config"):
         sub = (params.get(block) or {}).get("params") or {}
-        if sub.get("pretrained"):
+        if sub.get("pretrained") and sub.get("config") is None:
             raise ConfigError(f"model.params.{block} names only a pretrained folder ({sub['pretrained']!r}), not an "
                               "architecture; pass config= a YAML that writes it out, or that diffusers folder")
         sub.pop("pretrained", None)

@@ -1,9 +1,10 @@
 """The original CompVis/Stability single-file layout ↔ this project's state dict.
 
 Original files hold ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
-``cond_stage_model.transformer.text_model.*`` (SD v1, OpenAI CLIP in transformers' layout) or
-``cond_stage_model.model.*`` (SD 2.x, OpenCLIP's own layout), and optionally ``model_ema.*`` (the UNet's
-EMA, names without dots). Reading uses diffusers' own converters (the code behind ``from_single_file``);
+``cond_stage_model.transformer.text_model.*`` (SD v1, OpenAI CLIP in transformers' layout),
+``cond_stage_model.model.*`` (SD 2.x, OpenCLIP's own layout) or ``cond_stage_model.model.visual.*`` (image
+variations: OpenAI CLIP's image tower, see ``clip_visual``), and optionally ``model_ema.*`` (the UNet's EMA,
+names without dots). Reading uses diffusers' own converters (the code behind ``from_single_file``);
 diffusers ships no converter for the other direction, so writing uses the mapping below, which the tests
 check against diffusers' reading, tensor for tensor.
 """
@@ -15,10 +16,13 @@ import torch
 from diffusers.loaders import single_file_utils as sfu
 
 from ldm.util import ConfigError
+from ldm.weights import clip_visual
 
 UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", \
     "cond_stage_model.model."
-OURS = {"unet": "unet.", "vae": "first_stage_model.vae.", "text": "cond_stage_model.transformer."}
+VISUAL = OPENCLIP + "visual."  # image variations: the whole OpenAI CLIP model sits under cond_stage_model.model.
+OURS = {"unet": "unet.", "vae": "first_stage_model.vae.", "text": "cond_stage_model.transformer.",
+        "image": "cond_stage_model.encoder."}
 
 
 # ---- what a file is ---------------------------------------------------------------------------------------
@@ -39,6 +43,9 @@ def describe(state: dict) -> str:
         ctx = _context_dim(state, UNET)
         in_ch = state.get(UNET + "input_blocks.0.0.weight")
         extra = f", {in_ch.shape[1]} input channels (inpainting)" if in_ch is not None and in_ch.shape[1] != 4 else ""
+        if any(k.startswith(VISUAL) for k in keys):
+            name = "SD image variations" if ctx == 768 else "image-variations-shaped"
+            return f"{name} (CLIP image encoder, {ctx}-d context{extra})"
         if any(k.startswith(OPENCLIP) for k in keys):
             width = state[OPENCLIP + "token_embedding.weight"].shape[1]
             name = "SD 2.x" if ctx == 1024 and width == 1024 else "SD-2-shaped"
@@ -82,7 +89,11 @@ def original_to_project(state: dict, unet_config: dict, vae_config: dict, text_m
     try:
         unet = sfu.convert_ldm_unet_checkpoint(state, dict(unet_config))
         vae = sfu.convert_ldm_vae_checkpoint(state, dict(vae_config)) if any(k.startswith(VAE) for k in state) else {}
-        if any(k.startswith(OPENCLIP) for k in state):
+        image = {}
+        if any(k.startswith(VISUAL) for k in state):  # image variations: the CLIP text tower beside it is unused
+            image = clip_visual.openai_to_hf({k[len(VISUAL):]: v for k, v in state.items() if k.startswith(VISUAL)})
+            text = {}
+        elif any(k.startswith(OPENCLIP) for k in state):
             layers = text_model.config.num_hidden_layers
             keep = {k: v for k, v in state.items() if not _block_at_or_after(k, layers)}
             text = sfu.convert_open_clip_checkpoint(text_model, keep, prefix=OPENCLIP)
@@ -92,6 +103,7 @@ def original_to_project(state: dict, unet_config: dict, vae_config: dict, text_m
         raise ConfigError(f"cannot convert this {describe(state)} file: {type(err).__name__} {err}") from err
     out = {OURS["unet"] + k: v for k, v in unet.items()}
     out.update({OURS["vae"] + k: v for k, v in vae.items()})
+    out.update({OURS["image"] + k: v for k, v in image.items()})
     # position_ids is a buffer transformers rebuilds; older files carry it, the model has no place for it.
     out.update({OURS["text"] + k.removeprefix("text_model."): v for k, v in text.items()
                 if not k.endswith("embeddings.position_ids")})
@@ -192,7 +204,7 @@ def _openclip(text: dict) -> dict[str, torch.Tensor]:
 def project_to_original(state: dict, text_layout: str = "clip") -> dict[str, torch.Tensor]:
     """This project's UNet/VAE/text tensors in the original layout; ``text_layout`` is 'clip' or 'open_clip'."""
     parts = {name: {k[len(p):]: v for k, v in state.items() if k.startswith(p)} for name, p in OURS.items()}
-    unet, vae, text = parts["unet"], parts["vae"], parts["text"]
+    unet, vae, text, image = parts["unet"], parts["vae"], parts["text"], parts["image"]
     per_block = _count(unet, r"down_blocks\.0\.resnets\.(\d+)\.")
     up_attn = {int(m.group(1)) for k in unet if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     out = {UNET + _unet_key(k, per_block, up_attn): v for k, v in unet.items()}
@@ -201,6 +213,7 @@ def project_to_original(state: dict, text_layout: str = "clip") -> dict[str, tor
         new = VAE + _vae_key(key, n_up)
         # The original VAE's mid-block attention uses 1x1 convolutions where diffusers has linear layers.
         out[new] = value[:, :, None, None] if ".mid.attn_1." in new and value.ndim == 2 else value
+    out.update({VISUAL + k: v for k, v in clip_visual.hf_to_openai(image).items()})
     if text_layout == "open_clip":
         out.update(_openclip(text))
     else:

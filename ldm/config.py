@@ -86,12 +86,31 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
     return cfg
 
 
+def _drop_retargeted(base: DictConfig, later: DictConfig) -> None:
+    """Remove from ``base`` every block whose ``target`` ``later`` changes: the later block replaces it whole,
+    since the old class's params mean nothing to the new class (a DreamBooth dataset over a digits dataset)."""
+    for key, value in later.items_ex(resolve=False) if isinstance(later, DictConfig) else ():
+        old = base.get(key) if isinstance(base, DictConfig) else None
+        if not isinstance(value, DictConfig) or not isinstance(old, DictConfig):
+            continue
+        if "target" in value and "target" in old and old.target != value.target:
+            base[key] = None
+        else:
+            _drop_retargeted(old, value)
+
+
 def merge_configs(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> DictConfig:
-    """Merge YAML files left to right, then apply overrides."""
+    """Merge YAML files left to right, then apply overrides. A later file that gives a block another ``target``
+    replaces that block instead of merging into it."""
     paths = list(paths)
     if not paths:
         raise ConfigError("no config given: pass one or more YAML files with --base")
-    cfg = apply_overrides(OmegaConf.merge(*[load_yaml(p) for p in paths]), overrides)
+    cfg = OmegaConf.create()
+    for path in paths:
+        later = load_yaml(path)
+        _drop_retargeted(cfg, later)
+        cfg = OmegaConf.merge(cfg, later)
+    cfg = apply_overrides(cfg, overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{', '.join(missing)}: required but not set ('???' in the config); "

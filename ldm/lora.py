@@ -12,12 +12,15 @@ folds it into the weights. The :class:`SaveLora` callback writes the file during
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -41,8 +44,14 @@ def add_lora(model, rank: int = 4, alpha: float | None = None, target_modules: S
     """
     model.unet.requires_grad_(False)
     model.unet.add_adapter(_config(rank, alpha, target_modules, dropout))
+    cond = model.cond_stage_model
+    if getattr(cond, "trainable", False):
+        # A fully trained text encoder would not be in the adapter file: its changes would be lost on export.
+        log.warning("lora: the conditioner's trainable: true is ignored; only adapters train "
+                    "(lora.text_encoder: true adds adapters to the text encoder)")
+        cond.trainable = False
+        cond.requires_grad_(False)
     if text_encoder:
-        cond = model.cond_stage_model
         cond.transformer.requires_grad_(False)
         cond.transformer.add_adapter(_config(rank, alpha, text_encoder_target_modules, dropout))
         cond.trainable = True  # the conditioner then runs with gradients (only the adapters have them)
@@ -53,8 +62,14 @@ def _adapter_state(module) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().clone().contiguous() for k, v in
-            convert_state_dict_to_diffusers(get_peft_model_state_dict(module)).items()}
+    state = get_peft_model_state_dict(module)
+    named = convert_state_dict_to_diffusers(state)
+    # diffusers' older names ("to_q.lora.down") exist only for attention projections. Adapters on other layers keep
+    # peft's names ("lora_A"), and loaders pick one format from the first key: a mixed file would silently lose
+    # half its adapters, so then peft's names are used throughout.
+    if any(".lora_A." in k or ".lora_B." in k for k in named):
+        named = state
+    return {k: v.detach().clone().contiguous() for k, v in named.items()}
 
 
 def has_lora(module) -> bool:

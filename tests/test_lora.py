@@ -131,3 +131,36 @@ def test_txt2img_with_lora_draws_the_merged_models_images(tiny_folder, tmp_path)
     assert meta["lora"] == str(path.resolve()) and meta["lora_scale"] == 1.0
     assert txt2img(["--ckpt", str(tiny_folder), "--lora", str(tmp_path / "none.safetensors"),
                     "--outdir", str(tmp_path / "d"), *common]) == 2
+
+
+def test_lora_freezes_a_trainable_text_encoder_whose_changes_the_adapter_would_lose(caplog):
+    model = tiny_model(**{"params.use_ema": False, "params.lora": {"rank": 2},
+                          "params.cond_stage_config.params.trainable": True})
+    assert "only adapters train" in caplog.text
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n and n.startswith("unet.") for n in trainable)
+
+
+def test_adapters_on_convolutions_save_in_one_format_diffusers_loads_whole(tmp_path):
+    """Adapters beyond the attention projections (resnet convolutions) are saved under peft's names throughout:
+    a file mixing two naming schemes loses the adapters of one scheme in diffusers' loader."""
+    from diffusers import UNet2DConditionModel
+
+    from ldm.lora import save_lora
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    model = tiny_model(**{"params.use_ema": False, "params.lora": {"rank": 2, "target_modules": targets}}).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    path = save_lora(model, tmp_path / "adapter.safetensors")
+    theirs = UNet2DConditionModel(**model.unet.config)
+    theirs.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.unet.state_dict().items()
+                            if ".lora_" not in k})
+    theirs.load_lora_adapter(str(path), prefix="unet")
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    ctx = model.cond_stage_model(["a photo of sks dog"])
+    with torch.no_grad():
+        assert torch.allclose(model.unet(x, t, encoder_hidden_states=ctx).sample,
+                              theirs(x, t, encoder_hidden_states=ctx).sample, atol=1e-5)

@@ -213,3 +213,16 @@ def test_pokemon_recipe_trains_two_steps_with_the_tiny_model(tiny_folder, tmp_pa
     assert ckpt["global_step"] == 2 and ckpt["state_dict"]["unet.conv_in.weight"].shape == (32, 4, 3, 3)
     assert "train/loss_epoch" in (run / "metrics.csv").read_text().splitlines()[0]
     assert list((run / "images/val").glob("samples_cfg3_gs-000002_*.png"))
+
+
+def test_a_later_file_that_changes_a_target_replaces_the_block(tmp_path):
+    """digits-dreambooth.yaml over digits.yaml: the DreamBooth dataset must not inherit the digits dataset's params
+    (split, size, ...), while blocks keeping their target still merge key by key."""
+    demo = ROOT / "configs" / "demo"
+    cfg = merge_configs([demo / "digits.yaml", demo / "digits-dreambooth.yaml"])
+    train = OmegaConf.to_container(cfg.data.params.train)
+    assert train["target"] == "ldm.data.dreambooth.DreamBoothDataset" and "repeats" not in train
+    assert "split" not in train["params"] and train["params"]["num_class_images"] == 50
+    assert cfg.data.params.validation is None and cfg.data.params.val_batch_size == 200  # merged, not replaced
+    assert cfg.model.params.unet_config.params.config.sample_size == 8 and cfg.model.params.use_ema is False
+    assert cfg.model.params.scheduler_config is None

@@ -37,7 +37,9 @@ def dreambooth_datasets(trainer) -> list[DreamBoothDataset]:
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray(((image.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    """(C,H,W) in [-1, 1] → an RGB picture (gray samples of 1-channel models are repeated to RGB)."""
+    image = image.float().cpu().clamp(-1, 1).expand(3, -1, -1) if image.shape[0] == 1 else image.float().cpu().clamp(-1, 1)
+    return Image.fromarray(((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
 @torch.no_grad()

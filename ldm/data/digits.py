@@ -90,3 +90,24 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"image": self.images[i], "caption": self.captions[i], "label": int(self.labels[i])}
+
+
+def write_digit_subject(folder, digit: int = 3, n: int = 5, seed: int = 0) -> list:
+    """A DreamBooth subject for the digits model: ``n`` training scans of ``digit`` drawn as dark ink on white
+    paper (every digit the base model saw is light on dark), saved as 8x8 gray PNGs ``subject-<i>.png``."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    if not 0 <= digit <= 9 or n < 1:
+        raise ConfigError(f"write_digit_subject: digit must be 0..9 and n >= 1, got digit={digit}, n={n}")
+    images, labels = split_digits("train")
+    pick = np.random.default_rng(seed).choice(np.flatnonzero(labels == digit), size=n, replace=False)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, idx in enumerate(sorted(pick)):
+        ink_on_paper = 255 - np.rint(images[idx] / MAX_VALUE * 255).astype(np.uint8)
+        paths.append(folder / f"subject-{i}.png")
+        Image.fromarray(ink_on_paper, mode="L").save(paths[-1])
+    return paths

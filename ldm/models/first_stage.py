@@ -57,7 +57,10 @@ class AutoencoderKLFirstStage(_Frozen):
 
 
 class IdentityFirstStage(_Frozen):
-    """Pixel-space diffusion: the denoiser sees the images themselves."""
+    """Pixel-space diffusion: the denoiser sees the images themselves.
+
+    With ``channels: 1`` RGB batches (every image file is read as RGB) are averaged to gray, so a gray model
+    trains on folders of PNGs such as its own samples or DreamBooth photos."""
 
     def __init__(self, channels: int = 3, pretrained: str | None = None):
         super().__init__()
@@ -66,6 +69,8 @@ class IdentityFirstStage(_Frozen):
         self.scale_factor = 1.0
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.latent_channels == 1 and x.shape[1] == 3:
+            return x.mean(dim=1, keepdim=True)
         return x
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,17 @@ def project_state(model, src: Source, ema: bool) -> tuple[dict, int]:
     return state, n_ema
 
 
+def _onto_lora_layers(state: dict, own: dict) -> dict:
+    """A model with LoRA adapters (peft) holds each adapted layer's weights under ``<layer>.base_layer.``: give
+    the source's plain ``<layer>.weight`` that name, so ``--finetune_from`` fills the layers the adapters sit on."""
+    state = dict(state)
+    for key in own:
+        plain = key.replace(".base_layer.", ".")
+        if plain != key and key not in state and plain in state:
+            state[key] = state.pop(plain)
+    return state
+
+
 def _load(model, src: Source, ema: bool, assign: bool = False) -> tuple[str, list[str], int]:
     """Load ``src`` into ``model``: the summary, the tensors the source lacked, and the EMA tensors used.
 
@@ -70,6 +81,7 @@ def _load(model, src: Source, ema: bool, assign: bool = False) -> tuple[str, lis
     """
     state, n_ema = project_state(model, src, ema)
     own = model.state_dict()
+    state = _onto_lora_layers(state, own)
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
         # The cross-attention key projection shows the context width, the clearest sign of another model family.
@@ -88,7 +100,8 @@ def _load(model, src: Source, ema: bool, assign: bool = False) -> tuple[str, lis
     if getattr(model, "model_ema", None) is not None and not any(k.startswith("model_ema.") for k in matched):
         # Start the average at the loaded weights, not at the random initialisation.
         model.model_ema.copy_from(model.unet)
-    missing = [k for k in own if k not in matched and not k.startswith("model_ema.")]
+    # LoRA adapters start from their own initialisation; a base checkpoint never holds them.
+    missing = [k for k in own if k not in matched and not k.startswith("model_ema.") and ".lora_" not in k]
     # EMA tensors the model has no place for were used (or not) by the EMA choice above.
     unexpected = [k for k in state if k not in own and not k.startswith("model_ema.")]
     note = ema_note(ema, n_ema)

@@ -1,0 +1,105 @@
+"""Did DreamBooth learn the subject without losing the class? A figure at the end of training.
+
+Samples for the instance prompt ("a photo of sks dog") and for the bare class prompt ("a photo of a dog") are
+compared with the instance photos and the class images, as small gray thumbnails: the root-mean-square pixel
+distance from each sample to its nearest photo, averaged (0 = identical, 2 = opposite; images are in [-1, 1]).
+Learned means the instance-prompt samples sit closer to the instance photos than the class-prompt samples do;
+no drift means the class-prompt samples still sit closer to the class images than to the subject.
+
+Pixel distance only sees layout, tone and colour. It is the whole story for the digits demo
+(configs/demo/digits-dreambooth.yaml) and a rough one for photos, where the grids of
+``ldm.callbacks.dreambooth.DreamBoothSamples`` are what to look at.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_only
+
+from ldm.callbacks.dreambooth import dreambooth_datasets
+from ldm.callbacks.image_logger import to_grid
+
+
+def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N,C,H,W) in [-1, 1] → (N, size*size) gray, area-averaged (never enlarged)."""
+    x = images.detach().float().cpu().mean(dim=1, keepdim=True)
+    side = min(size, x.shape[-1])
+    return F.adaptive_avg_pool2d(x, side).flatten(1)
+
+
+def nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean over samples of the RMS distance to the nearest reference (both flattened thumbnails)."""
+    d = torch.cdist(samples, references) / samples.shape[1] ** 0.5
+    return float(d.min(dim=1).values.mean())
+
+
+class DreamBoothScore(pl.Callback):
+    """At the end of training: sample ``n`` images per prompt (seeds ``seed + i``), print and save the closeness
+    figure to ``<run dir>/dreambooth_score.json`` and the samples, instance-prompt row first, as
+    ``<run dir>/dreambooth_score.png`` (the instance photos form the top row).
+
+    Args:
+        n: samples per prompt. ``thumb``: thumbnail side for the comparison. ``max_class_images``: how many class
+        images to compare with. The sampling settings are those of the sampling scripts.
+    """
+
+    def __init__(self, n: int = 16, seed: int = 1000, thumb: int = 32, max_class_images: int = 200,
+                 sampler: str = "ddim", steps: int = 50, guidance_scale: float = 7.5):
+        super().__init__()
+        self.n, self.seed, self.thumb, self.max_class_images = n, seed, thumb, max_class_images
+        self.sample_kwargs = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale}
+        self.result: dict | None = None
+
+    @torch.no_grad()
+    def score(self, pl_module, dataset) -> tuple[dict, torch.Tensor]:
+        instance = torch.stack([dataset.instance[i]["image"] for i in range(len(dataset.instance))])
+        n_class = min(len(dataset.classes), self.max_class_images)
+        classes = torch.stack([dataset.classes[i]["image"] for i in range(n_class)]) if n_class else None
+        seeds = [self.seed + i for i in range(self.n)]
+        size = tuple(instance.shape[-2:])
+        samples = {which: pl_module.generate([prompt] * self.n, seeds, size=size, **self.sample_kwargs)
+                   for which, prompt in (("instance", dataset.instance_prompt), ("class", dataset.class_prompt))}
+        refs = {"instance": thumbnails(instance, self.thumb)}
+        if classes is not None:
+            refs["class"] = thumbnails(classes, self.thumb)
+        result = {"instance_prompt": dataset.instance_prompt, "class_prompt": dataset.class_prompt,
+                  "samples_per_prompt": self.n, "thumbnail": min(self.thumb, size[-1])}
+        for which, images in samples.items():
+            for ref, ref_thumbs in refs.items():
+                result[f"{which}_prompt_to_{ref}_images"] = nearest_distance(thumbnails(images, self.thumb), ref_thumbs)
+        # One picture: the photos, then the instance-prompt samples, then the class-prompt samples.
+        photos = instance[: self.n].to(samples["instance"].device)
+        if photos.shape[1] != samples["instance"].shape[1]:
+            photos = photos.mean(dim=1, keepdim=True).expand(-1, samples["instance"].shape[1], -1, -1)
+        pad = torch.ones(self.n - len(photos), *photos.shape[1:], device=photos.device)
+        grid = torch.cat([photos, pad, samples["instance"], samples["class"]])
+        return result, grid
+
+    def figure(self, r: dict) -> str:
+        lines = [f"DreamBooth closeness (RMS pixel distance to the nearest image at {r['thumbnail']} px, lower = "
+                 f"closer, {r['samples_per_prompt']} samples per prompt):"]
+        for which in ("instance", "class"):
+            parts = [f"{r[f'{which}_prompt_to_{ref}_images']:.3f} from the {ref} images"
+                     for ref in ("instance", "class") if f"{which}_prompt_to_{ref}_images" in r]
+            lines.append(f"  {r[f'{which}_prompt']!r:<32} samples: " + ", ".join(parts))
+        return "\n".join(lines)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module):
+        datasets = dreambooth_datasets(trainer)
+        if not datasets:
+            return
+        from PIL import Image
+
+        with trainer.precision_plugin.forward_context():
+            self.result, grid = self.score(pl_module, datasets[0])
+        self.result["step"] = trainer.global_step
+        folder = Path(trainer.default_root_dir)
+        (folder / "dreambooth_score.json").write_text(json.dumps(self.result, indent=2) + "\n")
+        Image.fromarray(to_grid(grid, self.n)).save(folder / "dreambooth_score.png")
+        print(f"step {trainer.global_step}: {self.figure(self.result)}\n  photos / instance prompt / class prompt: "
+              f"{folder / 'dreambooth_score.png'}", flush=True)

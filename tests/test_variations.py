@@ -73,6 +73,13 @@ def test_no_text_encoder_is_built():
     assert "CLIPVisionModelWithProjection" in names and not {"CLIPTextModel", "CLIPTextTransformer"} & names
 
 
+def test_negative_prompt_on_an_image_model_is_one_clear_error():
+    torch.manual_seed(0)
+    model = instantiate_from_config(tiny_section()).eval()
+    with pytest.raises(ConfigError, match="negative_prompt 'blurry'.*conditioned on images, not text"):
+        model.generate(images(), seeds=[0, 1], size=16, steps=1, guidance_scale=3.0, negative_prompt="blurry")
+
+
 def test_embedding_is_identical_at_train_and_sample_time(tmp_path):
     """The checkpoint carries the preprocessing settings; a model loaded for sampling embeds the same image into
     the very same context that training conditioned on, and a different antialias setting changes it."""

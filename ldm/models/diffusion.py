@@ -13,7 +13,7 @@ from ldm.models.ema import EMA
 from ldm.models.schedule import NoiseSchedule
 from ldm.models.trainable import select_trainable
 from ldm.sampling import initial_noise, make_scheduler, sample
-from ldm.util import count_params, instantiate_from_config
+from ldm.util import ConfigError, count_params, instantiate_from_config
 
 
 class LatentDiffusion(pl.LightningModule):
@@ -172,6 +172,9 @@ class LatentDiffusion(pl.LightningModule):
         latents = torch.stack([initial_noise(shape, torch.Generator().manual_seed(int(s)), self.device) for s in seeds])
         scheduler = make_scheduler(sampler, self.schedule.scheduler_config())
         latents = latents * scheduler.init_noise_sigma
+        if negative_prompt and not hasattr(self.cond_stage_model, "tokenize"):
+            raise ConfigError(f"negative_prompt {negative_prompt!r}: this model is conditioned on "
+                              f"{self.cond_stage_key}s, not text; its guidance baseline is the zero embedding")
         cond = self.cond_stage_model(conds if torch.is_tensor(conds) else list(conds))
         uncond = None
         if guidance_scale > 1.0:

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo demo-dreambooth test test-all
+.PHONY: install demo demo-variations demo-dreambooth test test-all
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -17,6 +17,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: install
 	$(PY) main.py -t --base configs/demo/digits.yaml
+
+demo-variations: install
+	$(PY) main.py -t --base configs/demo/digits-variations.yaml -n digits-variations
 
 # DreamBooth on the digits model: the base (reused if a finished one exists), the subject's photos, then a full
 # fine-tune and a LoRA run; each prints its closeness figure.

@@ -142,7 +142,8 @@ def dreambooth_overlay(tmp_path: Path, inst: Path, cls: Path, lr: float = 3e-3, 
                       "modelcheckpoint": {"params": {"every_n_train_steps": None, "every_n_epochs": None}},
                       "callbacks": {"class_images": {"params": {"batch_size": 6, "steps": 10, "guidance_scale": 1.0}},
                                     "dreambooth_samples": {"params": {"every_n_steps": 100, "n": 2, "steps": 5,
-                                                                      "prompts": ["sks cat in the style of pixar"]}}}},
+                                                                      "prompts": ["sks cat in the style of pixar"]}},
+                                    "dreambooth_score": {"params": {"n": 4, "steps": 5}}}},
     }
     path = tmp_path / "overlay.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -201,7 +202,8 @@ def test_end_to_end_dreambooth_run(tmp_path, lora):
     assert "train/instance_loss" in header and "train/prior_loss" in header
     grids = sorted((run / "images" / "train").glob("dreambooth_gs-*.png"))
     assert [g.name for g in grids] == ["dreambooth_gs-000001.png", "dreambooth_gs-000100.png", "dreambooth_gs-000150.png"]
-    assert Image.open(grids[-1]).size[1] == 3 * 18 + 2  # rows: instance prompt, class prompt, user prompt
+    assert Image.open(grids[-1]).size[1] == 3 * 66 + 2  # rows: instance, class, user prompt (16 px tiles shown at 64)
+    assert (run / "dreambooth_score.json").is_file() and (run / "dreambooth_score.png").is_file()
     model = load_run(run)
     if lora:
         from diffusers import StableDiffusionPipeline

@@ -79,12 +79,12 @@ def test_dreambooth_learns_the_subject_and_keeps_the_class(base_run, subject, tm
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "train/instance_loss" in header and "train/prior_loss" in header
     if lora:
-        check_adapter(run)
+        check_adapter(run, base_run)
 
 
-def check_adapter(run: Path) -> None:
-    """The adapter file is small, diffusers' UNet loads it to the same outputs, and merging it gives the same
-    samples as adapter + base."""
+def check_adapter(run: Path, base_run: Path) -> None:
+    """The adapter file is small, diffusers' UNet and the sampling scripts' ``--lora`` load it onto the base to
+    the same outputs, and merging it gives the same samples as adapter + base."""
     from diffusers import UNet2DConditionModel
 
     from ldm.inference import load
@@ -101,9 +101,11 @@ def check_adapter(run: Path) -> None:
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([300, 700])
     ctx = model.cond_stage_model(["a handwritten sks digit 3"] * 2)
+    scripts = load(str(base_run), lora=str(adapter))  # what txt2img --ckpt <base> --lora <adapter> samples with
     with torch.no_grad():
-        assert torch.allclose(model.unet(x, t, encoder_hidden_states=ctx).sample,
-                              theirs(x, t, encoder_hidden_states=ctx).sample, atol=1e-5)
+        ours = model.unet(x, t, encoder_hidden_states=ctx).sample
+        assert torch.allclose(ours, theirs(x, t, encoder_hidden_states=ctx).sample, atol=1e-5)
+        assert torch.allclose(ours, scripts.unet(x, t, encoder_hidden_states=ctx).sample, atol=1e-5)
     kw = {"steps": 10, "guidance_scale": 3.0}
     adapted = model.generate(["a handwritten sks digit 3"] * 4, [1, 2, 3, 4], **kw)
     merge_lora(model)

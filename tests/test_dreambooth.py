@@ -216,3 +216,35 @@ def test_end_to_end_dreambooth_run(tmp_path, lora):
     print(f"DreamBooth tiny run ({'lora' if lora else 'full'}):", {k: round(v, 4) for k, v in d.items()})
     # The base model's class images stay what the class prompt gives.
     assert d["class_prompt_to_class_images"] < d["class_prompt_to_photos"]
+
+
+def test_dreambooth_score_figure_with_and_without_prior_preservation(tmp_path):
+    """The score compares samples with the photos (and the class images when there are any); a stand-in model
+    whose instance-prompt samples are the photos themselves must come out at distance 0 from them."""
+    from ldm.callbacks.dreambooth_eval import DreamBoothScore
+
+    inst = subject_photos(tmp_path / "inst", 3)
+    cls = solid_images(tmp_path / "cls", 4)
+
+    class Model:
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def generate(self, prompts, seeds, size, **kwargs):
+            if "sks" in prompts[0]:
+                photos = [self.dataset.instance[i % len(self.dataset.instance)]["image"] for i in range(len(seeds))]
+                return torch.stack(photos)
+            return torch.full((len(seeds), 3, *size), 200 / 127.5 - 1)  # the solid class colour's blue channel
+
+    score = DreamBoothScore(n=4, thumb=8)
+    with_prior = DreamBoothDataset(str(inst), "a photo of sks cat", str(cls), "a photo of a cat", num_class_images=4,
+                                   image_transforms=TRANSFORMS)
+    result, grid = score.score(Model(with_prior), with_prior)
+    assert result["instance_prompt_to_instance_images"] < 1e-6
+    assert result["instance_prompt_to_instance_images"] < result["class_prompt_to_instance_images"]
+    assert grid.shape[0] == 3 * 4  # photos (padded), instance samples, class samples
+    assert "'a photo of a cat'" in score.figure(result)
+    plain = DreamBoothDataset(str(inst), "a photo of sks cat", with_prior_preservation=False, image_transforms=TRANSFORMS)
+    result, grid = score.score(Model(plain), plain)
+    assert set(k for k in result if "_to_" in k) == {"instance_prompt_to_instance_images"} and grid.shape[0] == 8
+    assert "a photo of a cat" not in score.figure(result)

@@ -61,12 +61,13 @@ class DreamBoothScore(pl.Callback):
         classes = torch.stack([dataset.classes[i]["image"] for i in range(n_class)]) if n_class else None
         seeds = [self.seed + i for i in range(self.n)]
         size = tuple(instance.shape[-2:])
+        prompts = {"instance": dataset.instance_prompt, "class": dataset.class_prompt}
         samples = {which: pl_module.generate([prompt] * self.n, seeds, size=size, **self.sample_kwargs)
-                   for which, prompt in (("instance", dataset.instance_prompt), ("class", dataset.class_prompt))}
+                   for which, prompt in prompts.items() if prompt}  # no class prompt without prior preservation
         refs = {"instance": thumbnails(instance, self.thumb)}
         if classes is not None:
             refs["class"] = thumbnails(classes, self.thumb)
-        result = {"instance_prompt": dataset.instance_prompt, "class_prompt": dataset.class_prompt,
+        result = {"instance_prompt": dataset.instance_prompt, "class_prompt": dataset.class_prompt or None,
                   "samples_per_prompt": self.n, "thumbnail": min(self.thumb, size[-1])}
         for which, images in samples.items():
             for ref, ref_thumbs in refs.items():
@@ -76,13 +77,13 @@ class DreamBoothScore(pl.Callback):
         if photos.shape[1] != samples["instance"].shape[1]:
             photos = photos.mean(dim=1, keepdim=True).expand(-1, samples["instance"].shape[1], -1, -1)
         pad = torch.ones(self.n - len(photos), *photos.shape[1:], device=photos.device)
-        grid = torch.cat([photos, pad, samples["instance"], samples["class"]])
+        grid = torch.cat([photos, pad, *samples.values()])
         return result, grid
 
     def figure(self, r: dict) -> str:
         lines = [f"DreamBooth closeness (RMS pixel distance to the nearest image at {r['thumbnail']} px, lower = "
                  f"closer, {r['samples_per_prompt']} samples per prompt):"]
-        for which in ("instance", "class"):
+        for which in ("instance", "class") if r["class_prompt"] else ("instance",):
             parts = [f"{r[f'{which}_prompt_to_{ref}_images']:.3f} from the {ref} images"
                      for ref in ("instance", "class") if f"{which}_prompt_to_{ref}_images" in r]
             lines.append(f"  {r[f'{which}_prompt']!r:<32} samples: " + ", ".join(parts))

@@ -49,10 +49,8 @@ def add_lora(model, rank: int = 4, alpha: float | None = None, target_modules: S
         # A fully trained text encoder would not be in the adapter file: its changes would be lost on export.
         log.warning("lora: the conditioner's trainable: true is ignored; only adapters train "
                     "(lora.text_encoder: true adds adapters to the text encoder)")
-        cond.trainable = False
-        cond.requires_grad_(False)
+        cond.set_trainable(False)
     if text_encoder:
-        cond.transformer.requires_grad_(False)
         cond.transformer.add_adapter(_config(rank, alpha, text_encoder_target_modules, dropout))
         cond.trainable = True  # the conditioner then runs with gradients (only the adapters have them)
     return [n for n, p in model.unet.named_parameters() if p.requires_grad]

@@ -18,7 +18,27 @@ from ldm.models.tokenizer import clip_tokenizer
 from ldm.util import ConfigError
 
 
-class CLIPTextConditioner(nn.Module):
+class _Conditioner(nn.Module):
+    """What both conditioners share: the encoder trains with the UNet only when ``trainable``; otherwise it stays
+    in eval mode without gradients, whatever Lightning's ``.train()`` calls say."""
+
+    trainable = False
+
+    def set_trainable(self, trainable: bool) -> None:
+        self.trainable = bool(trainable)
+        self.requires_grad_(self.trainable)
+        if not self.trainable:
+            self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class CLIPTextConditioner(_Conditioner):
     """CLIP text encoder + tokenizer: captions → (B, 77, D) token embeddings (D = 768 for SD v1).
 
     Args:
@@ -42,18 +62,8 @@ class CLIPTextConditioner(nn.Module):
         self.tokenizer = clip_tokenizer(tokenizer, pad_token=pad_token, max_length=max_length)
         self.max_length = max_length
         self.layer = layer
-        self.trainable = trainable
         self.ucg_rate = ucg_rate
-        if not trainable:
-            self.transformer.eval()
-            self.transformer.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        return super().train(mode and self.trainable)
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
+        self.set_trainable(trainable)
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         ids = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
@@ -106,7 +116,7 @@ def clip_image_preprocess(images: torch.Tensor, size: int = 224, interpolation: 
     return (x - mean_t) / std_t
 
 
-class CLIPImageConditioner(nn.Module):
+class CLIPImageConditioner(_Conditioner):
     """CLIP image encoder + projection: images → (B, 1, D) projected image embeddings (D = 768 for ViT-L/14),
     the context of the image-variations model; the unconditional context is zeros of that shape.
 
@@ -138,18 +148,8 @@ class CLIPImageConditioner(nn.Module):
         self.image_size = int(image_size or self.encoder.config.image_size)
         self.interpolation, self.antialias = interpolation, bool(antialias)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.trainable = trainable
         self.ucg_rate = ucg_rate
-        if not trainable:
-            self.encoder.eval()
-            self.encoder.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        return super().train(mode and self.trainable)
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.device
+        self.set_trainable(trainable)
 
     @property
     def embed_dim(self) -> int:

@@ -215,6 +215,8 @@ class LatentDiffusion(pl.LightningModule):
         out = {}
         conds = batch[self.cond_stage_key][:n]  # captions, or the images themselves for image variations
         seeds = batch["seed"][:n].tolist() if "seed" in batch else None
+        if "height" in batch:  # text-only validation prompts with their output_size
+            sample_kwargs.setdefault("size", (int(batch["height"][0]), int(batch["width"][0])))
         if self.first_stage_key in batch:
             x = batch[self.first_stage_key][:n].to(self.device)
             out["inputs"] = x

@@ -190,7 +190,6 @@ def load_model(path: str | Path, config=None, ema: bool = True, device: str | to
     model.eval().requires_grad_(False).to(device)
     model.weights_summary = f"{summary}\n  architecture from {origin}"
     model.weights_config = section
-    model.weights_step = src.step
     model.weights_ema = n_ema > 0
     if verbose:
         print(model.weights_summary)

@@ -15,7 +15,8 @@ sizes and aspect ratios, caption lengths in words, the most frequent caption wor
 and, for a folder written by scripts/prepare_dataset.py, the source files it skipped with their reasons and the
 duplicates it removed.
 
-Captions are read as training reads them: FOLDER/metadata.jsonl first, then a same-name .txt next to the image.
+Captions are read as training reads them (ldm.data.folder.FolderCaptions): a non-empty FOLDER/metadata.jsonl row,
+else a same-name .txt next to the image; .txt files in UTF-8, UTF-16 or an 8-bit Windows encoding all work.
 """
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ldm.data.review import contact_sheet, write_summary
 
-    _, text = write_summary(args.folder)
-    print(text)
-    try:
+    try:  # ConfigError (a malformed metadata.jsonl) is a ValueError too: one line, not a traceback
+        _, text = write_summary(args.folder)
+        print(text)
         out = contact_sheet(args.folder, args.out, n=args.n, columns=args.columns, thumb=args.thumb,
                             caption_lines=args.caption_lines, font_size=args.font_size, seed=args.seed)
     except ValueError as err:

@@ -2,16 +2,24 @@
 
 Images are read with ``decode=False`` and decoded by :func:`ldm.data.images.load_rgb`, because the
 library's own decoder raises inside ``__getitem__`` and a single broken image would end the run.
+
+A local imagefolder follows the folder caption rule (:class:`ldm.data.folder.FolderCaptions`) as far as datasets
+allows: a row whose caption is empty takes the image's ``.txt`` sidecar. Its metadata files are checked first,
+because datasets reports a bad line as ``ArrowInvalid ... in row N`` without the file, and N counts from 0 over
+non-blank lines.
 """
 from __future__ import annotations
 
+import csv
 import io
 import os
 import random
+from pathlib import Path
 from typing import Any, Sequence
 
 import datasets
 
+from ldm.data.folder import jsonl_rows, sidecar_caption
 from ldm.data.images import ImageCaptionDataset, ImageSource
 from ldm.data.transforms import build_transforms
 from ldm.util import ConfigError
@@ -19,6 +27,29 @@ from ldm.util import ConfigError
 
 def _is_saved_dataset(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+
+
+def check_imagefolder_metadata(folder: str) -> None:
+    """One-line ConfigError for a metadata.jsonl/csv under ``folder`` that datasets' imagefolder would choke on."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for meta in (Path(dirpath, f) for f in filenames if f in ("metadata.jsonl", "metadata.csv")):
+            data = meta.read_bytes()
+            try:
+                text = data.decode("utf-8-sig")  # what datasets accepts; FolderDataset is more tolerant
+            except UnicodeDecodeError as err:
+                line = data[:err.start].count(b"\n") + 1
+                raise ConfigError(f"hf_dataset: '{meta}' line {line} is not UTF-8 (byte 0x{data[err.start]:02x}); "
+                                  "datasets reads metadata files as UTF-8 only: save it as UTF-8") from err
+            if meta.suffix == ".csv":
+                header = next(csv.reader(io.StringIO(text)), [])
+                rows = [("line 1", dict.fromkeys(header))]
+            else:
+                rows = [(f"line {n}", row) for n, row in jsonl_rows(meta, text)]
+            for where, row in rows:
+                if not any(k == "file_name" or k.endswith("_file_name") for k in row):
+                    raise ConfigError(f"hf_dataset: '{meta}' {where}: needs a 'file_name' key (column) naming the image, "
+                                      f"has {sorted(row)}")
 
 
 def _load(name: str, split: str, data_dir: str | None, load_kwargs: dict[str, Any]) -> datasets.Dataset:
@@ -33,6 +64,7 @@ def _load(name: str, split: str, data_dir: str | None, load_kwargs: dict[str, An
                 ds = ds[split]
             return ds
         if local:
+            check_imagefolder_metadata(os.path.expanduser(name))
             return datasets.load_dataset("imagefolder", data_dir=os.path.expanduser(name), split=split, **load_kwargs)
         return datasets.load_dataset(name, data_dir=data_dir, split=split, **load_kwargs)
     except ConfigError:
@@ -49,7 +81,8 @@ def _load(name: str, split: str, data_dir: str | None, load_kwargs: dict[str, An
 class HFImageCaption(ImageCaptionDataset):
     """Rows of a ``datasets.Dataset`` as ``{"image", "caption"}`` items, with bad images skipped."""
 
-    def __init__(self, ds: datasets.Dataset, name: str, image_column: str, text_column: str, transform) -> None:
+    def __init__(self, ds: datasets.Dataset, name: str, image_column: str, text_column: str, transform,
+                 sidecars: bool = False) -> None:
         super().__init__(transform, f"dataset {name!r}")
         self.name = name
         self.image_column = image_column
@@ -57,6 +90,19 @@ class HFImageCaption(ImageCaptionDataset):
         if isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.ds = ds.select_columns([image_column, text_column])
+        self.from_sidecar = self._sidecar_captions() if sidecars else {}
+
+    def _sidecar_captions(self) -> dict[int, str]:
+        """``{row: sidecar caption}`` for rows of a local imagefolder whose caption is empty, read once up front."""
+        empty = [i for i, text in enumerate(self.ds[self.text_column]) if text is None
+                 or (isinstance(text, str) and not text.strip())]
+        found = {}
+        for i, image in zip(empty, self.ds.select(empty)[self.image_column] if empty else []):
+            path = image.get("path") if isinstance(image, dict) else image
+            text = sidecar_caption(path) if isinstance(path, str) and os.path.isfile(path) else ""
+            if text:
+                found[i] = text
+        return found
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -71,7 +117,8 @@ class HFImageCaption(ImageCaptionDataset):
             path = src = image
         if isinstance(caption, (list, tuple)):  # several captions per image: one at random each time
             caption = random.choice(caption) if caption else ""
-        return src, f"{self.name}[{i}] {path or ''}".strip(), "" if caption is None else str(caption)
+        caption = "" if caption is None else str(caption).strip()
+        return src, f"{self.name}[{i}] {path or ''}".strip(), caption or self.from_sidecar.get(i, "")
 
 
 def hf_dataset(
@@ -94,4 +141,6 @@ def hf_dataset(
             )
     if len(ds) == 0:
         raise ConfigError(f"hf_dataset: {name!r} split {split!r} has no rows")
-    return HFImageCaption(ds, name, image_column, text_column, build_transforms(image_transforms))
+    local = os.path.expanduser(name)
+    imagefolder = os.path.isdir(local) and not _is_saved_dataset(local)
+    return HFImageCaption(ds, name, image_column, text_column, build_transforms(image_transforms), sidecars=imagefolder)

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from ldm.data.folder import find_images, read_caption_file
+from ldm.data.folder import FolderCaptions, find_images, sidecar_caption
 from ldm.data.images import BadImage, load_rgb
 from ldm.util import ConfigError
 
@@ -57,21 +57,14 @@ class Settings:
             raise ConfigError(f"JPEG quality must be 1..100, got {self.quality}")
 
 
-# ---- captions shared by every script: metadata.jsonl first, then a same-name .txt, as FolderDataset reads them ----
+# ---- captions shared by every script: the rule FolderDataset trains with (ldm.data.folder.FolderCaptions) ----
 def read_captions(folder: Path, names: Iterable[str] | None = None) -> dict[str, str]:
     """``{relative image name: caption}`` for the images in ``folder`` ("" where there is none)."""
     folder = Path(folder)
     if names is None:
         names = [p.relative_to(folder).as_posix() for p in find_images(folder)]
-    meta = read_caption_file(folder / METADATA, "file_name", "text") if (folder / METADATA).is_file() else {}
-    captions = {}
-    for name in names:
-        text = meta.get(os.path.normpath(name))
-        sidecar = (folder / name).with_suffix(".txt")
-        if not text and sidecar.is_file():
-            text = sidecar.read_text(encoding="utf-8").strip()
-        captions[name] = text or ""
-    return captions
+    caption_of = FolderCaptions(folder)
+    return {name: caption_of(folder / name) for name in names}
 
 
 def write_captions(folder: Path, captions: dict[str, str], sidecars: bool = False,
@@ -86,9 +79,10 @@ def write_captions(folder: Path, captions: dict[str, str], sidecars: bool = Fals
     atomic_write(folder / METADATA, rows.encode("utf-8"))
     for name in captions if changed is None else changed:
         sidecar = (folder / name).with_suffix(".txt")
-        text = captions[name] + "\n"
-        if (sidecars or sidecar.is_file()) and (not sidecar.is_file() or sidecar.read_text(encoding="utf-8") != text):
-            atomic_write(sidecar, text.encode("utf-8"))
+        exists = sidecar.is_file()
+        # Compared as captions are read, so a sidecar saying the same thing (other encoding, CRLF) is left alone.
+        if (sidecars or exists) and (not exists or sidecar_caption(folder / name) != captions[name]):
+            atomic_write(sidecar, (captions[name] + "\n").encode("utf-8"))
 
 
 def atomic_write(path: Path, data: bytes) -> None:

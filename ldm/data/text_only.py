@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
+from ldm.data.folder import read_text
 from ldm.util import ConfigError
 
 
@@ -32,7 +33,7 @@ class TextOnly(Dataset):
             path = Path(caption_file).expanduser()
             if not path.is_file():
                 raise ConfigError(f"TextOnly: caption_file '{caption_file}' does not exist")
-            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            prompts += [line.strip() for line in read_text(path).splitlines() if line.strip()]
         if not prompts:
             where = f"caption_file '{caption_file}'" if caption_file is not None else "captions"
             raise ConfigError(f"TextOnly: no prompts given ({where} is empty); set captions: [...] or caption_file")

@@ -1,23 +1,16 @@
-"""Text-to-image and image-to-image with a loaded LatentDiffusion, step for step as diffusers' pipelines.
-
-``txt2img`` follows ``StableDiffusionPipeline`` and ``img2img`` follows ``StableDiffusionImg2ImgPipeline``: the
-same prompt encoding, the same draws from the same ``torch.Generator`` in the same order (VAE posterior sample,
-then the start noise, then any per-step noise), the same scheduler calls. So ``generator=torch.Generator("cpu")
-.manual_seed(S)`` here and in diffusers gives the same images for the same weights and scheduler settings.
-
-A batch shares one generator, which draws the whole ``(B, 4, h, w)`` start noise at once, exactly as diffusers
-does for a list of prompts or ``num_images_per_prompt``. (``LatentDiffusion.generate``, used by the training
-image logger, instead gives every caption its own seed, so a logged prompt looks the same in every grid.)
+"""Loading a model to sample with, choosing its device and precision, and the helpers the sampling scripts
+share. The sampling itself (``txt2img``, ``img2img``) lives in ``ldm.sampling``, the one path the training
+callbacks use too; it is re-exported here for the scripts.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ldm.sampling import img2img_timesteps, initial_noise, make_scheduler, sample
+from ldm.sampling import img2img, txt2img  # noqa: F401  (the scripts call them from here)
 from ldm.util import ConfigError
 
 PRECISIONS = ("auto", "autocast", "full", "fp32", "fp16", "bf16")
@@ -73,84 +66,13 @@ def load(ckpt: str, config: str | None = None, device: str | torch.device = "cpu
 
 
 def truncation_warnings(model, prompts: Sequence[str]) -> list[str]:
-    """One line per distinct prompt longer than the text encoder reads, saying where it was cut."""
-    cond = model.cond_stage_model
-    tokenizer, limit = getattr(cond, "tokenizer", None), getattr(cond, "max_length", None)
-    if tokenizer is None or limit is None:
-        return []
-    lines = []
-    for prompt in dict.fromkeys(prompts):
-        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids  # start and end tokens included
-        if len(ids) <= limit:
-            continue
-        kept = tokenizer.decode(ids[1:limit - 1]).split()
-        dropped = tokenizer.decode(ids[limit - 1:-1])
-        dropped = dropped if len(dropped) <= 80 else dropped[:77] + "..."
-        lines.append(f"warning: prompt {prompt[:40]!r}... is {len(ids) - 2} tokens but the text encoder reads "
-                     f"{limit - 2}: truncated after word {len(kept)} ('... {' '.join(kept[-4:])}'), dropping "
-                     f"{len(ids) - limit} tokens: {dropped!r}")
-    return lines
-
-
-def encode(model, prompts: Sequence[str], negative_prompt: str, scale: float):
-    """Context for the prompts, and for the negative prompt when guidance is on (``scale > 1``), as diffusers."""
-    cond = model.cond_stage_model(list(prompts))
-    uncond = model.cond_stage_model([negative_prompt] * len(prompts)) if scale > 1.0 else None
-    return cond, uncond
-
-
-def _denoiser(model) -> Callable:
-    return lambda x, t, c: model.unet(x, t, encoder_hidden_states=c).sample
+    """One line per distinct prompt longer than the model's text encoder reads, saying where it was cut."""
+    return model.cond_stage_model.prompt_warnings(prompts)
 
 
 def image_channels(model) -> int:
-    """Channels of the images the model makes: the VAE's input, or the latents themselves in pixel space."""
-    vae = getattr(model.first_stage_model, "vae", None)
-    return vae.config.in_channels if vae is not None else model.first_stage_model.latent_channels
-
-
-def latent_shape(model, n: int, height: int, width: int) -> tuple[int, ...]:
-    down = model.first_stage_model.downsample
-    return n, model.first_stage_model.latent_channels, height // down, width // down
-
-
-@torch.inference_mode()  # no autograd bookkeeping at all: a little less per-op work than no_grad
-def txt2img(model, prompts: Sequence[str], height: int, width: int, negative_prompt: str = "",
-            generator: torch.Generator | None = None, sampler: str = "ddim", steps: int = 50, scale: float = 7.5,
-            eta: float = 0.0, on_step: Callable | None = None, scheduler=None) -> torch.Tensor:
-    """One image per prompt, in [-1, 1]: ``StableDiffusionPipeline(prompts, negative_prompt=..., generator=...)``.
-
-    ``scheduler`` (default: a fresh ``sampler``) lets a caller watch its state from ``on_step(i, t, latents)``.
-    """
-    scheduler = scheduler or make_scheduler(sampler, model.schedule.scheduler_config())
-    cond, uncond = encode(model, prompts, negative_prompt, scale)
-    z = sample(_denoiser(model), scheduler, cond, uncond, latent_shape(model, len(prompts), height, width),
-               steps=steps, guidance_scale=scale, eta=eta, generator=generator, on_step=on_step)
-    return model.first_stage_model.decode(z)
-
-
-@torch.inference_mode()
-def img2img(model, init: torch.Tensor, prompts: Sequence[str], strength: float = 0.75, negative_prompt: str = "",
-            generator: torch.Generator | None = None, sampler: str = "ddim", steps: int = 50, scale: float = 7.5,
-            eta: float = 0.0, on_step: Callable | None = None, scheduler=None) -> torch.Tensor:
-    """Redraw ``init`` ((1, 3, H, W) in [-1, 1]) once per prompt: ``StableDiffusionImg2ImgPipeline``.
-
-    The image is encoded once (one posterior draw), repeated for the batch, noised to the first of the last
-    ``int(steps * strength)`` timesteps and denoised from there. Below one step (``strength`` ~ 0) the
-    result is the init image through the VAE; diffusers refuses that case.
-    """
-    scheduler = scheduler or make_scheduler(sampler, model.schedule.scheduler_config())
-    cond, uncond = encode(model, prompts, negative_prompt, scale)
-    timesteps = img2img_timesteps(scheduler, steps, strength, cond.device)
-    z0 = model.first_stage_model.encode(init.to(cond.device), generator).to(cond.dtype)
-    z0 = z0.repeat(len(prompts), 1, 1, 1)
-    if len(timesteps) == 0:
-        return model.first_stage_model.decode(z0)
-    noise = initial_noise(z0.shape, generator, cond.device, cond.dtype)
-    latents = scheduler.add_noise(z0, noise, timesteps[:1].repeat(len(prompts)))
-    z = sample(_denoiser(model), scheduler, cond, uncond, z0.shape, steps=steps, guidance_scale=scale, eta=eta,
-               generator=generator, latents=latents, timesteps=timesteps, on_step=on_step)
-    return model.first_stage_model.decode(z)
+    """Channels of the images the model makes and reads: the VAE's, or the pixels' themselves in pixel space."""
+    return model.first_stage_model.image_channels
 
 
 def to_uint8(images: torch.Tensor):

@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.util import ConfigError
+
 log = logging.getLogger(__name__)
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -51,7 +53,12 @@ def add_lora(model, rank: int = 4, alpha: float | None = None, target_modules: S
                     "(lora.text_encoder: true adds adapters to the text encoder)")
         cond.set_trainable(False)
     if text_encoder:
-        cond.transformer.add_adapter(_config(rank, alpha, text_encoder_target_modules, dropout))
+        modules = cond.lora_modules()
+        if not modules:
+            raise ConfigError(f"lora.text_encoder: true, but the conditioner {cond.description()} has no network "
+                              "LoRA can adapt; set lora.text_encoder: false (the UNet's adapters still train)")
+        for module in modules.values():
+            module.add_adapter(_config(rank, alpha, text_encoder_target_modules, dropout))
         cond.trainable = True  # the conditioner then runs with gradients (only the adapters have them)
     return [n for n, p in model.unet.named_parameters() if p.requires_grad]
 
@@ -79,10 +86,14 @@ def save_lora(model, path: str | Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
-    text_encoder = model.cond_stage_model.transformer
+    adapted = {prefix: m for prefix, m in model.cond_stage_model.lora_modules().items() if has_lora(m)}
+    if set(adapted) - {"text_encoder"}:
+        raise ConfigError(f"save_lora: adapters on {sorted(adapted)}; this file format holds the UNet and one "
+                          "text encoder")
+    text_encoder = adapted.get("text_encoder")
     with model.ema_scope():
         unet_layers = _adapter_state(model.unet)
-        te_layers = _adapter_state(text_encoder) if has_lora(text_encoder) else None
+        te_layers = _adapter_state(text_encoder) if text_encoder is not None else None
     meta = {"unet_lora_adapter_metadata": model.unet.peft_config[ADAPTER].to_dict()}
     if te_layers:
         meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
@@ -101,8 +112,11 @@ def load_lora(model, path: str | Path, scale: float = 1.0, adapter_name: str = "
     state, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, model.unet, adapter_name=adapter_name, metadata=meta)
     model.unet.set_adapters([adapter_name], weights=[scale])
-    text_encoder = model.cond_stage_model.transformer
     if any(k.startswith("text_encoder.") for k in state):
+        text_encoder = model.cond_stage_model.lora_modules().get("text_encoder")
+        if text_encoder is None:
+            raise ConfigError(f"{str(path)!r} holds text-encoder adapters, but this model's conditioner "
+                              f"({model.cond_stage_model.description()}) has no text encoder")
         StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, prefix="text_encoder",
                                                             adapter_name=adapter_name, metadata=meta)
         set_adapters_for_text_encoder([adapter_name], text_encoder, [scale])
@@ -115,10 +129,10 @@ def merge_lora(model) -> None:
 
     model.unet.fuse_lora(lora_scale=1.0)  # on top of the adapter's own weight: 1.0 keeps it as set
     model.unet.unload_lora()
-    text_encoder = model.cond_stage_model.transformer
-    if has_lora(text_encoder):
-        fuse_text_encoder_lora(text_encoder, lora_scale=1.0)
-        _remove_text_encoder_monkey_patch(text_encoder)
+    for module in model.cond_stage_model.lora_modules().values():
+        if has_lora(module):
+            fuse_text_encoder_lora(module, lora_scale=1.0)
+            _remove_text_encoder_monkey_patch(module)
 
 
 class SaveLora(pl.Callback):

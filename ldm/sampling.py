@@ -1,16 +1,28 @@
-"""Classifier-free-guided sampling over diffusers' schedulers, shared by the image logger and the scripts.
+"""The one sampling path: classifier-free-guided text-to-image, image-to-image and image variations over diffusers'
+schedulers, used by the training callbacks (through ``LatentDiffusion.generate``) and by the scripts alike.
 
-The loop follows diffusers' ``StableDiffusionPipeline`` step for step (noise drawn on the CPU generator,
-``[uncond, cond]`` batching, ``scale_model_input``/``step``), so the same seed gives the same image.
+``txt2img`` follows ``StableDiffusionPipeline`` and ``img2img`` ``StableDiffusionImg2ImgPipeline`` step for step:
+the same conditioning, the same draws from the same generators in the same order (VAE posterior sample, then the
+start noise, then any per-step noise), the same scheduler calls. ``generator`` takes the two forms diffusers takes:
+
+- one ``torch.Generator``: diffusers' batch semantics. The whole ``(B, C, h, w)`` start noise and each step's
+  noise are drawn at once, so an image depends on its batch mates (the scripts' ``--seed``).
+- a list of generators, one per image: every random draw of image ``i`` comes from ``generator[i]``, so the same
+  condition and seed give the same image in any batch, with any sampler (the image logger and eval callbacks).
+
+The scheduler settings are the model's (``LatentDiffusion.sampler_config``): those of a diffusers folder's
+``scheduler_config.json``, or the defaults of a model trained here; each sampler is built from them with
+``from_config`` exactly as diffusers' docs swap schedulers.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, PNDMScheduler)
+from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.util import ConfigError
 
@@ -23,21 +35,47 @@ SAMPLERS = {
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
 }
-# SD v1's published scheduler settings: timesteps offset by one and no "alpha = 1" final step.
-SD_DEFAULTS = {"steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
+# Keys of a scheduler_config.json that say where it came from rather than how to sample.
+_BOOKKEEPING = ("_class_name", "_diffusers_version", "_use_default_values")
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
-def make_scheduler(name: str, schedule_config: dict):
-    """A diffusers scheduler called ``name`` for a model trained with ``schedule_config``."""
+def default_sampler_config(schedule_config: dict, latent: bool) -> dict:
+    """The settings a model trained here samples with: its training schedule, SD v1's published offsets, and
+    ``clip_sample`` on only in pixel space, where the data itself lies in [-1, 1] (latents do not)."""
+    return {**schedule_config, "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": not latent}
+
+
+def resolve_sampler_config(given: dict | None, defaults: dict) -> dict:
+    """A model's sampler settings. A config that names its ``_class_name`` is a whole ``scheduler_config.json`` as
+    diffusers writes it (a folder's, an export's) and is taken as it is, so keys it lacks get each scheduler class's
+    own default, as in diffusers. Any other config (a YAML's ``sampler_config``) changes only the keys it names."""
+    given = dict(given or {})
+    if "_class_name" in given:
+        return {k: v for k, v in given.items() if k not in ("_diffusers_version", "_use_default_values")}
+    return {**defaults, **given}
+
+
+def clean_sampler_config(config: dict) -> dict:
+    return {k: v for k, v in dict(config).items() if k not in _BOOKKEEPING}
+
+
+def make_scheduler(name: str, sampler_config: dict):
+    """A diffusers scheduler called ``name`` built from a model's ``sampler_config``, as
+    ``SchedulerClass.from_config(pipe.scheduler.config)`` does (keys a class does not take are ignored)."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
-    return cls.from_config({**SD_DEFAULTS, **schedule_config, **extra})
+    return cls.from_config({**clean_sampler_config(sampler_config), **extra})
 
 
-def initial_noise(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
-    """Draw on the CPU like diffusers' ``randn_tensor``, so a seed means the same thing on every device."""
-    return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
+def noise(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
+    """diffusers' ``randn_tensor``: drawn on the generators' device (the CPU for seeds), one row per generator."""
+    return randn_tensor(tuple(shape), generator=_one_or_list(generator), device=torch.device(device), dtype=dtype)
+
+
+def _one_or_list(generator):
+    return list(generator) if isinstance(generator, (list, tuple)) else generator
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float, device=None) -> torch.Tensor:
@@ -46,31 +84,24 @@ def img2img_timesteps(scheduler, steps: int, strength: float, device=None) -> to
     multistep schedulers need). Empty when ``steps * strength < 1``."""
     scheduler.set_timesteps(steps, device=device)
     start = (steps - min(int(steps * strength), steps)) * scheduler.order
-    if hasattr(scheduler, "set_begin_index"):
+    if hasattr(scheduler, "set_begin_index"):  # schedulers without an index (DDIM, PNDM) need no start
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
 
 
 @torch.no_grad()
-def sample(denoise: Callable, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None, shape,
-           steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0, generator: torch.Generator | None = None,
-           latents: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Run the reverse process and return the final latents.
+def denoise_loop(denoise: Callable, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None,
+                 latents: torch.Tensor, timesteps: torch.Tensor, guidance_scale: float = 7.5, eta: float = 0.0,
+                 generator: Generators = None, on_step: Callable | None = None) -> torch.Tensor:
+    """Run the reverse process from ``latents`` over ``timesteps`` and return the final latents.
 
-    ``denoise(x, t, context)`` is the network; guidance is applied when ``guidance_scale > 1`` and an
-    ``uncond`` context is given. ``latents``/``timesteps`` let img2img start part-way.
+    ``denoise(x, t, context)`` is the network; guidance is applied when ``guidance_scale > 1`` and an ``uncond``
+    context is given; ``on_step(i, t, latents)`` watches each step.
     """
-    device = cond.device
-    if timesteps is None:
-        scheduler.set_timesteps(steps, device=device)
-        timesteps = scheduler.timesteps
-    if latents is None:
-        latents = initial_noise(shape, generator, device, cond.dtype) * scheduler.init_noise_sigma
     guided = uncond is not None and guidance_scale > 1.0
     context = torch.cat([uncond, cond]) if guided else cond
     step_params = inspect.signature(scheduler.step).parameters
-    extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+    extra = {k: v for k, v in (("eta", eta), ("generator", _one_or_list(generator))) if k in step_params}
     for i, t in enumerate(timesteps):
         x_in = torch.cat([latents] * 2) if guided else latents
         x_in = scheduler.scale_model_input(x_in, t)
@@ -82,3 +113,69 @@ def sample(denoise: Callable, scheduler, cond: torch.Tensor, uncond: torch.Tenso
         if on_step is not None:
             on_step(i, t, latents)
     return latents
+
+
+def _contexts(model, conds, negative_prompt: str, scale: float):
+    """The context of ``conds``, and the guidance baseline when guidance is on: the negative prompt's context, or
+    the conditioner's unconditional one (diffusers encodes "" for text, zeros for image embeddings)."""
+    cond_stage = model.cond_stage_model
+    cond = cond_stage(conds if torch.is_tensor(conds) else list(conds))
+    if scale <= 1.0:
+        return cond, None
+    n = len(conds)
+    return cond, cond_stage.negative(negative_prompt, n) if negative_prompt else cond_stage.unconditional(n)
+
+
+def _check_generators(generator, n: int) -> None:
+    if isinstance(generator, (list, tuple)) and len(generator) != n:
+        raise ConfigError(f"{len(generator)} generators for {n} images: give one generator, or one per image")
+
+
+@torch.inference_mode()  # no autograd bookkeeping at all: a little less per-op work than no_grad
+def txt2img(model, conds, height: int, width: int, negative_prompt: str = "", generator: Generators = None,
+            sampler: str = "ddim", steps: int = 50, scale: float = 7.5, eta: float = 0.0,
+            on_step: Callable | None = None, scheduler=None) -> torch.Tensor:
+    """One image per condition, in [-1, 1]: ``StableDiffusionPipeline(prompts, negative_prompt=..., generator=...)``.
+
+    ``conds`` is what the model's conditioner takes: captions, or a (B, C, H, W) image tensor in [-1, 1] for an
+    image-variations model. ``scheduler`` (default: a fresh ``sampler`` from the model's settings) lets a caller
+    watch its state from ``on_step(i, t, latents)``.
+    """
+    _check_generators(generator, len(conds))
+    scheduler = scheduler or make_scheduler(sampler, model.sampler_config)
+    cond, uncond = _contexts(model, conds, negative_prompt, scale)
+    scheduler.set_timesteps(steps, device=cond.device)
+    latents = noise(model.latent_shape(len(conds), height, width), generator, cond.device, cond.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    z = denoise_loop(model.denoise, scheduler, cond, uncond, latents, scheduler.timesteps, scale, eta, generator,
+                     on_step)
+    return model.first_stage_model.decode(z)
+
+
+@torch.inference_mode()
+def img2img(model, init: torch.Tensor, prompts: Sequence[str], strength: float = 0.75, negative_prompt: str = "",
+            generator: Generators = None, sampler: str = "ddim", steps: int = 50, scale: float = 7.5,
+            eta: float = 0.0, on_step: Callable | None = None, scheduler=None) -> torch.Tensor:
+    """Redraw ``init`` ((1, C, H, W) in [-1, 1]) once per prompt: ``StableDiffusionImg2ImgPipeline``.
+
+    With one generator the image is encoded once (one posterior draw) and repeated for the batch; with one
+    generator per image each image gets its own posterior draw, as diffusers does. It is noised to the first of
+    the last ``int(steps * strength)`` timesteps and denoised from there. Below one step (``strength`` ~ 0) the
+    result is the init image through the VAE; diffusers refuses that case.
+    """
+    n = len(prompts)
+    _check_generators(generator, n)
+    scheduler = scheduler or make_scheduler(sampler, model.sampler_config)
+    cond, uncond = _contexts(model, prompts, negative_prompt, scale)
+    timesteps = img2img_timesteps(scheduler, steps, strength, cond.device)
+    init = init.to(cond.device)
+    encode = model.first_stage_model.encode
+    if isinstance(generator, (list, tuple)):
+        z0 = torch.cat([encode(init, g) for g in generator]).to(cond.dtype)
+    else:
+        z0 = encode(init, generator).to(cond.dtype).repeat(n, 1, 1, 1)
+    if len(timesteps) == 0:
+        return model.first_stage_model.decode(z0)
+    latents = scheduler.add_noise(z0, noise(z0.shape, generator, cond.device, cond.dtype), timesteps[:1].repeat(n))
+    z = denoise_loop(model.denoise, scheduler, cond, uncond, latents, timesteps, scale, eta, generator, on_step)
+    return model.first_stage_model.decode(z)

@@ -76,7 +76,7 @@ def test_no_text_encoder_is_built():
 def test_negative_prompt_on_an_image_model_is_one_clear_error():
     torch.manual_seed(0)
     model = instantiate_from_config(tiny_section()).eval()
-    with pytest.raises(ConfigError, match="negative_prompt 'blurry'.*conditioned on images, not text"):
+    with pytest.raises(ConfigError, match="negative prompt 'blurry'.*conditioned on images, not text"):
         model.generate(images(), seeds=[0, 1], size=16, steps=1, guidance_scale=3.0, negative_prompt="blurry")
 
 

@@ -84,7 +84,7 @@ def test_original_variations_checkpoint_loads_with_the_same_image_embedding(tmp_
     is used) loads into the variations model, and the conditioner embeds images exactly as OpenAI CLIP does."""
     clip = open_clip_model()
     base = save_training_ckpt(tmp_path / "base.ckpt", tiny_section(), seed=4)
-    state = {k: v for k, v in project_to_original(base.state_dict()).items() if not k.startswith(VISUAL)}
+    state = {k: v for k, v in project_to_original(base.state_dict(), base.weight_components()).items() if not k.startswith(VISUAL)}
     state.update({"cond_stage_model.model." + k: v for k, v in clip.state_dict().items()})
     torch.save({"state_dict": state, "global_step": 7}, tmp_path / "original.ckpt")
     with pytest.raises(ConfigError, match="image-variations-shaped"):

@@ -207,7 +207,10 @@ def test_export_records_config_step_and_ema_choice(tmp_path):
     ema_t, meta = read_safetensors(ema_file)
     raw_t, raw_meta = read_safetensors(raw_file)
     assert (meta["sd_finetune.step"], meta["sd_finetune.ema"], raw_meta["sd_finetune.ema"]) == ("7", "true", "false")
-    assert json.loads(meta["sd_finetune.config"]) == section() and raw_meta["sd_finetune.dtype"] == "float16"
+    recorded = json.loads(meta["sd_finetune.config"])
+    sampler = recorded["params"].pop("sampler_config")  # the resolved sampler settings travel with the weights
+    assert recorded == section() and raw_meta["sd_finetune.dtype"] == "float16"
+    assert sampler["clip_sample"] is False and sampler["steps_offset"] == 1
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert torch.equal(ema_t[key], state["model_ema.conv_in__weight"]) and raw_t[key].dtype == torch.float16
     assert torch.equal(raw_t[key], state["unet.conv_in.weight"].half())
@@ -218,6 +221,7 @@ def test_export_records_config_step_and_ema_choice(tmp_path):
     assert torch.equal(back.state_dict()["unet.conv_in.weight"], state["model_ema.conv_in__weight"])
     folder = export_diffusers(prepare(ckpt), tmp_path / "pipe", progress=False)
     record = json.loads((folder / "sd_finetune.json").read_text())
+    record["config"]["params"].pop("sampler_config")
     assert (record["step"], record["ema"], record["config"]) == (7, "true", section())
     with pytest.raises(ConfigError, match="holds no EMA"):
         prepare(folder, ema=True)

@@ -1,7 +1,8 @@
 """Conditioners turn a batch's condition (captions, images) into the cross-attention context.
 
 Each conditioner knows its own condition dropout (``ucg_rate``, for classifier-free guidance) and whether
-it is trained, so "freeze this, drop that 10% of the time" is config rather than code.
+it is trained, so "freeze this, drop that 10% of the time" is config rather than code. What they offer the
+rest of the project is declared in ``ldm.models.parts.Conditioner``.
 """
 from __future__ import annotations
 
@@ -13,32 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from ldm.models.parts import Conditioner, WeightComponent
 from ldm.models.pretrained import build_or_load
 from ldm.models.tokenizer import clip_tokenizer
 from ldm.util import ConfigError
 
 
-class _Conditioner(nn.Module):
-    """What both conditioners share: the encoder trains with the UNet only when ``trainable``; otherwise it stays
-    in eval mode without gradients, whatever Lightning's ``.train()`` calls say."""
-
-    trainable = False
-
-    def set_trainable(self, trainable: bool) -> None:
-        self.trainable = bool(trainable)
-        self.requires_grad_(self.trainable)
-        if not self.trainable:
-            self.eval()
-
-    def train(self, mode: bool = True):
-        return super().train(mode and self.trainable)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-
-class CLIPTextConditioner(_Conditioner):
+class CLIPTextConditioner(Conditioner):
     """CLIP text encoder + tokenizer: captions → (B, 77, D) token embeddings (D = 768 for SD v1).
 
     Args:
@@ -82,8 +64,62 @@ class CLIPTextConditioner(_Conditioner):
             final_norm = getattr(self.transformer, "text_model", self.transformer).final_layer_norm
             return final_norm(out.hidden_states[-2])
 
+    kind = "text"
+    DIFFUSERS = {"text_encoder": "transformer."}  # pipeline folder component → prefix inside this conditioner
+
     def unconditional(self, batch_size: int) -> torch.Tensor:
         return self(["" for _ in range(batch_size)])
+
+    def negative(self, prompt: str, batch_size: int) -> torch.Tensor:
+        return self([prompt] * batch_size)
+
+    @property
+    def is_open_clip(self) -> bool:
+        """OpenCLIP's text towers (SD 2.x) use GELU; OpenAI CLIP's (SD v1) quick-GELU."""
+        return self.transformer.config.hidden_act == "gelu"
+
+    def description(self) -> str:
+        return f"{'OpenCLIP' if self.is_open_clip else 'CLIP'} text encoder"
+
+    def preprocessing(self) -> dict:
+        return {"max_length": self.max_length, "layer": self.layer}
+
+    def lora_modules(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.transformer}
+
+    def weight_components(self) -> list[WeightComponent]:
+        return [WeightComponent("transformer.", "text_encoder", "open_clip_text" if self.is_open_clip else "clip_text",
+                                self.transformer)]
+
+    def prompt_warnings(self, prompts: Sequence[str]) -> list[str]:
+        """One line per distinct prompt longer than the encoder reads, saying where it was cut."""
+        lines, limit = [], self.max_length
+        for prompt in dict.fromkeys(prompts):
+            ids = self.tokenizer(prompt, truncation=False, verbose=False).input_ids  # start and end tokens included
+            if len(ids) <= limit:
+                continue
+            kept = self.tokenizer.decode(ids[1:limit - 1]).split()
+            dropped = self.tokenizer.decode(ids[limit - 1:-1])
+            dropped = dropped if len(dropped) <= 80 else dropped[:77] + "..."
+            lines.append(f"warning: prompt {prompt[:40]!r}... is {len(ids) - 2} tokens but the text encoder reads "
+                         f"{limit - 2}: truncated after word {len(kept)} ('... {' '.join(kept[-4:])}'), dropping "
+                         f"{len(ids) - limit} tokens: {dropped!r}")
+        return lines
+
+    def identifier_tokens(self, word: str) -> list[str]:
+        """How the tokenizer splits ``word`` (DreamBooth's check for a rare identifier)."""
+        return self.tokenizer.tokenize(word)
+
+    def write_diffusers(self, out: Path) -> dict[str, list]:
+        from ldm.models.tokenizer import write_clip_vocab
+
+        self.transformer.config.architectures = ["CLIPTextModel"]
+        self.transformer.config.save_pretrained(out / "text_encoder")
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        write_clip_vocab(out / "tokenizer")  # BPE files too, for loaders that do not read tokenizer.json
+        return {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+                "image_encoder": [None, None], "safety_checker": [None, None],
+                "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
 
 
 # OpenAI CLIP's normalisation (the values in every CLIP ViT's preprocessor_config.json).
@@ -116,7 +152,7 @@ def clip_image_preprocess(images: torch.Tensor, size: int = 224, interpolation: 
     return (x - mean_t) / std_t
 
 
-class CLIPImageConditioner(_Conditioner):
+class CLIPImageConditioner(Conditioner):
     """CLIP image encoder + projection: images → (B, 1, D) projected image embeddings (D = 768 for ViT-L/14),
     the context of the image-variations model; the unconditional context is zeros of that shape.
 
@@ -169,5 +205,40 @@ class CLIPImageConditioner(_Conditioner):
             emb = torch.where(drop.to(emb.device).view(-1, 1, 1), torch.zeros_like(emb), emb)
         return emb
 
+    kind = "image"
+    DIFFUSERS = {"image_encoder": "encoder."}
+
     def unconditional(self, batch_size: int) -> torch.Tensor:
         return torch.zeros(batch_size, 1, self.embed_dim, device=self.device, dtype=self.encoder.dtype)
+
+    def description(self) -> str:
+        return "CLIP image encoder"
+
+    def input_channels(self) -> int:
+        return int(self.encoder.config.num_channels)
+
+    def preprocessing(self) -> dict:
+        return {"image_size": self.image_size, "interpolation": self.interpolation, "antialias": self.antialias,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    def weight_components(self) -> list[WeightComponent]:
+        return [WeightComponent("encoder.", "image_encoder", "clip_visual", self.encoder)]
+
+    def write_diffusers(self, out: Path) -> dict[str, list]:
+        """image_encoder/ config and feature_extractor/ (a CLIPImageProcessor with this conditioner's resize
+        filter, size and normalisation: what StableDiffusionImageVariationPipeline preprocesses PIL inputs with)."""
+        from transformers import CLIPImageProcessor
+
+        self.encoder.config.architectures = ["CLIPVisionModelWithProjection"]
+        self.encoder.config.save_pretrained(out / "image_encoder")
+        CLIPImageProcessor(size={"shortest_edge": self.image_size},
+                           crop_size={"height": self.image_size, "width": self.image_size},
+                           resample=PIL_RESAMPLE.get(self.interpolation, 3), image_mean=list(self.mean),
+                           image_std=list(self.std)).save_pretrained(out / "feature_extractor")
+        return {"_class_name": "StableDiffusionImageVariationPipeline",
+                "feature_extractor": ["transformers", "CLIPImageProcessor"],
+                "image_encoder": ["transformers", "CLIPVisionModelWithProjection"], "safety_checker": [None, None]}
+
+
+# PIL filter numbers for CLIPImageProcessor's ``resample``.
+PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}

@@ -5,14 +5,16 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
-import pytorch_lightning as pl
 import torch
+
+import pytorch_lightning as pl
 
 from ldm.callbacks.faults import check_finite, last_good_checkpoint
 from ldm.models.ema import EMA
+from ldm.models.parts import Conditioner, FirstStage, WeightComponent
 from ldm.models.schedule import NoiseSchedule
 from ldm.models.trainable import select_trainable
-from ldm.sampling import initial_noise, make_scheduler, sample
+from ldm.sampling import default_sampler_config, resolve_sampler_config
 from ldm.util import ConfigError, count_params, instantiate_from_config
 
 
@@ -27,6 +29,12 @@ class LatentDiffusion(pl.LightningModule):
     for samples when ``sample_with_ema``; ``scheduler_config`` builds an LR multiplier for ``LambdaLR``.
     ``prior_loss_weight`` scales the class-image loss of DreamBooth batches (those with ``class_image``);
     ``lora`` (``{rank, alpha, ...}``, see ``ldm.lora.add_lora``) trains low-rank adapters instead of weights.
+    ``sampler_config`` holds diffusers scheduler settings (``clip_sample``, ``timestep_spacing``, ``steps_offset``,
+    ``rescale_betas_zero_snr``, ...) over the defaults for this model (``ldm.sampling.default_sampler_config``):
+    every sampler of the image logger, the eval callbacks and the scripts is built from them, and checkpoints and
+    exports record them. A diffusers folder's ``scheduler/scheduler_config.json`` arrives here whole.
+    ``monitor`` is CompVis's key: the metric ``lightning.modelcheckpoint`` keeps its best checkpoints by when
+    it sets ``save_top_k`` without a ``monitor`` of its own.
     """
 
     def __init__(self, unet_config: dict, first_stage_config: dict, cond_stage_config: dict,
@@ -36,14 +44,21 @@ class LatentDiffusion(pl.LightningModule):
                  trainable: str | Sequence[str] = "all", use_ema: bool = False, ema_decay: float = 0.9999,
                  sample_with_ema: bool = True, scheduler_config: dict | None = None, weight_decay: float = 0.01,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss",
-                 prior_loss_weight: float = 1.0, lora: dict | None = None):
+                 prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.unet = self._build(unet_config, pretrained)
         self.first_stage_model = self._build(first_stage_config, pretrained)
         self.cond_stage_model = self._build(cond_stage_config, pretrained)
+        for name, part, interface in (("first_stage_config", self.first_stage_model, FirstStage),
+                                      ("cond_stage_config", self.cond_stage_model, Conditioner)):
+            if not isinstance(part, interface):
+                raise ConfigError(f"model.params.{name}: {type(part).__name__} is not a {interface.__module__}."
+                                  f"{interface.__name__} (the interface the rest of the project relies on)")
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma)
+        self.sampler_config = resolve_sampler_config(
+            sampler_config, default_sampler_config(self.schedule.scheduler_config(), self.first_stage_model.is_latent))
         self.trainable_names = select_trainable(self.unet, trainable)
         if lora:  # low-rank adapters replace `trainable`: only they train (ldm.lora)
             from ldm.lora import add_lora
@@ -76,14 +91,14 @@ class LatentDiffusion(pl.LightningModule):
         x = batch[self.first_stage_key]
         z = self.first_stage_model.encode(x, generator)
         drop = None
-        rate = getattr(self.cond_stage_model, "ucg_rate", 0.0)
+        rate = self.cond_stage_model.ucg_rate
         if train and rate > 0:
             drop = torch.rand(z.shape[0], device=z.device, generator=generator) < rate
         context = self.conditioning(batch, drop)
         noise = torch.randn(z.shape, device=z.device, generator=generator, dtype=z.dtype)
         t = self.schedule.sample_timesteps(z.shape[0], z.device, generator)
         z_t = self.schedule.add_noise(z, noise, t)
-        pred = self.unet(z_t, t, encoder_hidden_states=context).sample
+        pred = self.denoise(z_t, t, context)
         return self.schedule.loss(pred, self.schedule.target(z, noise, t), t)
 
     def training_step(self, batch, batch_idx):
@@ -154,37 +169,45 @@ class LatentDiffusion(pl.LightningModule):
     def default_image_size(self) -> int:
         return int(self.unet.config.sample_size) * self.first_stage_model.downsample
 
+    def latent_shape(self, n: int, height: int, width: int) -> tuple[int, ...]:
+        down = self.first_stage_model.downsample
+        return n, self.first_stage_model.latent_channels, height // down, width // down
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The network's prediction (noise or v): the one place the UNet is called, in training and sampling."""
+        return self.unet(x, t, encoder_hidden_states=context).sample
+
+    def weight_components(self) -> list[WeightComponent]:
+        """Every library network this model holds, with its state-dict prefix and file layouts (``ldm.weights``)."""
+        unet = WeightComponent("unet.", "unet", "unet", self.unet)
+        return [unet] + [c.under("first_stage_model.") for c in self.first_stage_model.weight_components()] + \
+            [c.under("cond_stage_model.") for c in self.cond_stage_model.weight_components()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The settings this model samples with, resolved: a later change of defaults never changes its samples.
+        checkpoint["sampler_config"] = dict(self.sampler_config)
+
     @torch.no_grad()
     def generate(self, conds: Sequence[str] | torch.Tensor, seeds: Sequence[int] | None = None,
                  size: int | tuple | None = None, sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0,
                  negative_prompt: str = "", eta: float = 0.0, use_ema: bool = True) -> torch.Tensor:
-        """Sample one image per condition (each with its own seed) and return them in [-1, 1].
+        """Sample one image per condition, each with its own seed, and return them in [-1, 1].
 
-        ``conds`` is whatever the conditioner takes: captions, or a (B,3,H,W) image tensor in [-1, 1] for
-        image variations. The guidance baseline is the conditioner's ``unconditional`` context unless a
-        ``negative_prompt`` is given (text conditioners only)."""
+        ``conds`` is whatever the conditioner takes: captions, or a (B,C,H,W) image tensor in [-1, 1] for image
+        variations. Every random draw of image ``i`` comes from its own generator seeded with ``seeds[i]``, so a
+        prompt and seed give the same image whatever else is in the batch. This is ``ldm.sampling.txt2img`` with one
+        generator per image, the path the scripts use and the tests hold to diffusers' pipelines.
+        """
+        from ldm.sampling import txt2img
+
         size = size or self.default_image_size()
         height, width = (size, size) if isinstance(size, int) else size
-        n = len(conds)
-        seeds = list(seeds) if seeds is not None else list(range(n))
-        down = self.first_stage_model.downsample
-        shape = (self.first_stage_model.latent_channels, height // down, width // down)
-        latents = torch.stack([initial_noise(shape, torch.Generator().manual_seed(int(s)), self.device) for s in seeds])
-        scheduler = make_scheduler(sampler, self.schedule.scheduler_config())
-        latents = latents * scheduler.init_noise_sigma
-        if negative_prompt and not hasattr(self.cond_stage_model, "tokenize"):
-            raise ConfigError(f"negative_prompt {negative_prompt!r}: this model is conditioned on "
-                              f"{self.cond_stage_key}s, not text; its guidance baseline is the zero embedding")
-        cond = self.cond_stage_model(conds if torch.is_tensor(conds) else list(conds))
-        uncond = None
-        if guidance_scale > 1.0:
-            uncond = self.cond_stage_model([negative_prompt] * n) if negative_prompt else \
-                self.cond_stage_model.unconditional(n)
-        denoise = lambda x, t, c: self.unet(x, t, encoder_hidden_states=c).sample
+        seeds = list(seeds) if seeds is not None else list(range(len(conds)))
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         with self.eval_mode(), self.ema_scope() if use_ema else nullcontext():
-            z = sample(denoise, scheduler, cond, uncond, latents.shape, steps=steps, guidance_scale=guidance_scale,
-                       eta=eta, generator=torch.Generator().manual_seed(int(seeds[0])), latents=latents)
-        return self.first_stage_model.decode(z).clamp(-1, 1)
+            images = txt2img(self, conds, height, width, negative_prompt, generators, sampler, steps,
+                             guidance_scale, eta)
+        return images.clamp(-1, 1)
 
     @torch.no_grad()
     def log_images(self, batch: dict, n: int = 4, **sample_kwargs) -> dict[str, torch.Tensor]:
@@ -192,6 +215,8 @@ class LatentDiffusion(pl.LightningModule):
         out = {}
         conds = batch[self.cond_stage_key][:n]  # captions, or the images themselves for image variations
         seeds = batch["seed"][:n].tolist() if "seed" in batch else None
+        if "height" in batch:  # text-only validation prompts with their output_size
+            sample_kwargs.setdefault("size", (int(batch["height"][0]), int(batch["width"][0])))
         if self.first_stage_key in batch:
             x = batch[self.first_stage_key][:n].to(self.device)
             out["inputs"] = x

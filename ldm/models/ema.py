@@ -20,11 +20,18 @@ class EMA(nn.Module):
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
         self.warmup = warmup
-        self.names = {name: name.replace(".", "__") for name, p in model.named_parameters() if p.requires_grad}
+        self.names = {name: self.buffer_name(name) for name, p in model.named_parameters() if p.requires_grad}
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
         params = dict(model.named_parameters())
         for name, buf in self.names.items():
             self.register_buffer(buf, params[name].detach().clone().float())
+
+    @staticmethod
+    def buffer_name(param_name: str) -> str:
+        """The one rule for an EMA tensor's name: buffers cannot hold dots (``down_blocks.0.x`` → ``down_blocks__0__x``).
+        In a LatentDiffusion state dict the UNet parameter ``unet.<name>`` has its average at
+        ``model_ema.<buffer_name(name)>``."""
+        return param_name.replace(".", "__")
 
     def current_decay(self) -> float:
         n = int(self.num_updates)

@@ -1,27 +1,16 @@
 """First stages: map images in [-1, 1] to the space the denoiser works in, and back."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
-from torch import nn
 
+from ldm.models.parts import FirstStage, WeightComponent
 from ldm.models.pretrained import build_or_load
 
 
-class _Frozen(nn.Module):
-    """Always in eval mode and without gradients: Lightning's ``.train()`` calls must not wake it."""
-
-    def freeze(self):
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-
-class AutoencoderKLFirstStage(_Frozen):
+class AutoencoderKLFirstStage(FirstStage):
     """The SD VAE, frozen, with the latent scale factor (0.18215 for SD v1, 0.13025 for SDXL).
 
     Encoding and decoding always run in float32, even under mixed precision: the SD v1 VAE overflows in fp16.
@@ -43,6 +32,20 @@ class AutoencoderKLFirstStage(_Frozen):
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
+    @property
+    def image_channels(self) -> int:
+        return self.vae.config.in_channels
+
+    DIFFUSERS = {"vae": "vae."}
+
+    def weight_components(self) -> list[WeightComponent]:
+        return [WeightComponent("vae.", "vae", "vae", self.vae)]
+
+    def write_diffusers(self, out: Path) -> dict[str, list]:
+        self.vae.register_to_config(scaling_factor=self.scale_factor)  # the pipeline reads the factor here
+        self.vae.save_config(out / "vae")
+        return {"vae": ["diffusers", "AutoencoderKL"]}
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
@@ -56,15 +59,17 @@ class AutoencoderKLFirstStage(_Frozen):
             return self.vae.decode(z.float() / self.scale_factor).sample
 
 
-class IdentityFirstStage(_Frozen):
+class IdentityFirstStage(FirstStage):
     """Pixel-space diffusion: the denoiser sees the images themselves.
 
     With ``channels: 1`` RGB batches (every image file is read as RGB) are averaged to gray, so a gray model
     trains on folders of PNGs such as its own samples or DreamBooth photos."""
 
+    is_latent = False
+
     def __init__(self, channels: int = 3, pretrained: str | None = None):
         super().__init__()
-        self.latent_channels = channels
+        self.latent_channels = self.image_channels = channels
         self.downsample = 1
         self.scale_factor = 1.0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ldm.util import ConfigError, instantiate_from_config
-from ldm.weights.files import DIFFUSERS_COMPONENTS, write_safetensors
+from ldm.weights.files import write_safetensors
 from ldm.weights.load import _ema_onto_unet, for_inference, load_model
 from ldm.weights.original import project_to_original
 from ldm.weights.source import CONFIG_KEY, open_weights
@@ -55,15 +55,11 @@ def prepare(path: str | Path, ema: bool | None = None, config=None) -> Exportabl
         # Folders and original files: EMA when asked or (ema=None) when the file has a CompVis EMA copy.
         model = load_model(src.path, config=config, ema=ema is not False)
         section, state, n_ema = model.weights_config, model.state_dict(), int(model.weights_ema)
+    # The sampler settings travel with the weights, resolved, so every export samples as the model did.
+    section = {**section, "params": {**section.get("params", {}), "sampler_config": dict(model.sampler_config)}}
     info = {"source": str(src.path), "kind": src.kind, "step": src.step if src.step is not None else "",
             "ema": str(n_ema > 0).lower(), "config": section}
     return Exportable(state, model, info)
-
-
-def text_layout(model) -> str:
-    """OpenAI CLIP (SD v1) uses quick-GELU; OpenCLIP's ViT-H (SD 2.x) uses GELU and its own key layout."""
-    text = getattr(model.cond_stage_model, "transformer", None)  # image-variations models have none
-    return "open_clip" if text is not None and text.config.hidden_act == "gelu" else "clip"
 
 
 def export_single_file(item: Exportable, out: str | Path, half: bool = False, progress: bool = True) -> Path:
@@ -72,7 +68,7 @@ def export_single_file(item: Exportable, out: str | Path, half: bool = False, pr
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"single-file exports are .safetensors (weights only, no pickle); got {str(out)!r}")
-    tensors = project_to_original(item.state, text_layout(item.model))
+    tensors = project_to_original(item.state, item.model.weight_components())
     meta = {"format": "pt", **item.metadata(), "sd_finetune.dtype": "float16" if half else "float32"}
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_safetensors(out, tensors, meta, progress=progress, half=half)
@@ -83,8 +79,7 @@ def export_diffusers(item: Exportable, out: str | Path, half: bool = False, prog
     """A StableDiffusionPipeline folder: configs, tokenizer, PNDM scheduler, and the weights as safetensors; for an
     image-variations model a StableDiffusionImageVariationPipeline folder (image_encoder/, feature_extractor/)."""
     import diffusers
-
-    from ldm.sampling import make_scheduler
+    from transformers import PreTrainedModel
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -92,68 +87,39 @@ def export_diffusers(item: Exportable, out: str | Path, half: bool = False, prog
             raise ConfigError(f"{str(out)!r} already holds files; pass --force to replace them")
         shutil.rmtree(out)
     model = item.model
-    unet, vae = model.unet, model.first_stage_model.vae
-    vae.register_to_config(scaling_factor=model.first_stage_model.scale_factor)  # the pipeline reads it here
+    if not model.first_stage_model.has_vae:
+        model.first_stage_model.write_diffusers(out)  # the one-line refusal of a pixel-space model
     meta = {"format": "pt", **item.metadata()}
-    files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-             "text_encoder": "model.safetensors", "image_encoder": "model.safetensors"}
-    for component, prefix in DIFFUSERS_COMPONENTS.items():
-        if not any(k.startswith(prefix) for k in item.state):
-            continue  # the conditioner this model does not have (text or image encoder)
-        folder = out / component
+    for row in model.weight_components():
+        tensors = {k[len(row.prefix):]: v for k, v in item.state.items() if k.startswith(row.prefix)}
+        if not tensors:
+            continue
+        folder = out / row.diffusers
         folder.mkdir(parents=True)
-        # The text encoder keeps transformers 4's "text_model." prefix, which transformers 5 also reads.
-        lead = "text_model." if component == "text_encoder" else ""
-        tensors = {lead + k[len(prefix):]: v for k, v in item.state.items() if k.startswith(prefix)}
-        write_safetensors(folder / files[component], tensors, meta, progress=progress,
-                          desc=f"{component}/{files[component]}", half=half)
-    unet.save_config(out / "unet")
-    vae.save_config(out / "vae")
-    make_scheduler("pndm", model.schedule.scheduler_config()).save_config(out / "scheduler")
-    if hasattr(model.cond_stage_model, "encoder"):
-        _write_image_conditioner(model.cond_stage_model, out, diffusers.__version__)
-    else:
-        _write_text_conditioner(model, out, diffusers.__version__)
+        name = "model.safetensors" if isinstance(row.module, PreTrainedModel) else "diffusion_pytorch_model.safetensors"
+        # A text encoder keeps transformers 4's "text_model." prefix, which transformers 5 also reads.
+        lead = "text_model." if row.original.endswith("_text") else ""
+        write_safetensors(folder / name, {lead + k: v for k, v in tensors.items()}, meta, progress=progress,
+                          desc=f"{row.diffusers}/{name}", half=half)
+    model.unet.save_config(out / "unet")
+    index = {"_class_name": "", "_diffusers_version": diffusers.__version__, "requires_safety_checker": False,
+             "scheduler": ["diffusers", "PNDMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"]}
+    index.update(model.first_stage_model.write_diffusers(out))
+    index.update(model.cond_stage_model.write_diffusers(out))
+    (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
+    write_scheduler_config(model.sampler_config, out / "scheduler", diffusers.__version__)
     record = {**item.info, "dtype": "float16" if half else "float32"}
     (out / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
-def _write_text_conditioner(model, out: Path, version: str) -> None:
-    from ldm.models.tokenizer import write_clip_vocab
-
-    text = model.cond_stage_model.transformer
-    text.config.architectures = ["CLIPTextModel"]
-    text.config.save_pretrained(out / "text_encoder")
-    tokenizer = model.cond_stage_model.tokenizer
-    tokenizer.save_pretrained(out / "tokenizer")
-    write_clip_vocab(out / "tokenizer")  # BPE files too, for loaders that do not read tokenizer.json
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": version,
-             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-             "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-# PIL filter numbers for CLIPImageProcessor's ``resample``.
-PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}
-
-
-def _write_image_conditioner(cond, out: Path, version: str) -> None:
-    """image_encoder/ config and feature_extractor/ (a CLIPImageProcessor with the conditioner's resize filter,
-    size and normalisation: what StableDiffusionImageVariationPipeline preprocesses PIL inputs with)."""
-    from transformers import CLIPImageProcessor
-
-    cond.encoder.config.architectures = ["CLIPVisionModelWithProjection"]
-    cond.encoder.config.save_pretrained(out / "image_encoder")
-    CLIPImageProcessor(size={"shortest_edge": cond.image_size},
-                       crop_size={"height": cond.image_size, "width": cond.image_size},
-                       resample=PIL_RESAMPLE.get(cond.interpolation, 3), image_mean=list(cond.mean),
-                       image_std=list(cond.std)).save_pretrained(out / "feature_extractor")
-    index = {"_class_name": "StableDiffusionImageVariationPipeline", "_diffusers_version": version,
-             "feature_extractor": ["transformers", "CLIPImageProcessor"],
-             "image_encoder": ["transformers", "CLIPVisionModelWithProjection"], "requires_safety_checker": False,
-             "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+def write_scheduler_config(sampler_config: dict, folder: Path, version: str) -> Path:
+    """The pipeline's PNDM scheduler with exactly the settings the model samples with, including those PNDM
+    itself does not take (``clip_sample``) and none it would add (its own ``timestep_spacing`` default): diffusers
+    passes them on when a user swaps the scheduler with ``from_config(pipe.scheduler.config)``, so a swapped
+    sampler there is built from the same settings as ours here."""
+    config = {**sampler_config, "_class_name": "PNDMScheduler", "_diffusers_version": version, "skip_prk_steps": True}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "scheduler_config.json"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path

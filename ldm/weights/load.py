@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.models.ema import EMA
 from ldm.util import ConfigError, instantiate_from_config
 from ldm.weights.original import has_original_ema, original_to_project
 from ldm.weights.source import Source, model_config_from_folder, open_weights
@@ -19,13 +20,13 @@ VARIATIONS_CONFIG = ROOT / "configs" / "image-variations.yaml"  # SD v1 with CLI
 def model_description(model) -> str:
     """The same kind of name ``describe`` gives a file, for the model a config built."""
     ctx = model.unet.config.cross_attention_dim
-    if not hasattr(model.cond_stage_model, "transformer"):
-        return f"an image-variations model (CLIP image encoder, {ctx}-d context)"
-    text = model.cond_stage_model.transformer.config
-    encoder = "OpenCLIP" if text.hidden_act == "gelu" else "CLIP"
+    cond = model.cond_stage_model
+    if cond.kind == "image":
+        return f"an image-variations model ({cond.description()}, {ctx}-d context)"
+    encoder = cond.description().split()[0]  # CLIP or OpenCLIP
     name = {(768, "CLIP"): "SD v1", (1024, "OpenCLIP"): "SD 2.x"}.get((ctx, encoder)) or \
         ("SD-v1-shaped" if encoder == "CLIP" else "SD-2-shaped")
-    return f"{name} ({encoder} text encoder, {ctx}-d context)"
+    return f"{name} ({cond.description()}, {ctx}-d context)"
 
 
 def ema_note(ema: bool, n: int) -> str:
@@ -41,7 +42,7 @@ def _ema_onto_unet(state: dict, ema: bool) -> tuple[dict, int]:
         return state, 0
     out, n = dict(state), 0
     for key in state:
-        if key.startswith("unet.") and (shadow := "model_ema." + key[5:].replace(".", "__")) in state:
+        if key.startswith("unet.") and (shadow := "model_ema." + EMA.buffer_name(key[5:])) in state:
             out[key], n = state[shadow].to(state[key].dtype), n + 1
     return out, n
 
@@ -51,14 +52,12 @@ def project_state(model, src: Source, ema: bool) -> tuple[dict, int]:
     a model that keeps EMA, the copy goes to ``model_ema`` (so fine-tuning continues both)."""
     if src.kind != "original":
         return _ema_onto_unet(src.state, ema)
-    configs = (model.unet.config, model.first_stage_model.vae.config,
-               getattr(model.cond_stage_model, "transformer", None))  # None: an image-variations model
-    state, n_ema = original_to_project(src.state, *configs, ema=ema)
-    if getattr(model, "model_ema", None) is not None and has_original_ema(src.state):
-        shadow, _ = original_to_project(src.state, *configs, ema=True)
-        for name, buf in model.model_ema.names.items():
-            if "unet." + name in shadow:
-                state[f"model_ema.{buf}"] = shadow["unet." + name]
+    components = model.weight_components()
+    state, n_ema = original_to_project(src.state, components, ema=ema)
+    if model.model_ema is not None and has_original_ema(src.state):
+        shadow, _ = original_to_project(src.state, [c for c in components if c.original == "unet"], ema=True)
+        for key, value in shadow.items():
+            state["model_ema." + EMA.buffer_name(key.removeprefix("unet."))] = value
     return state, n_ema
 
 
@@ -97,7 +96,7 @@ def _load(model, src: Source, ema: bool, assign: bool = False) -> tuple[str, lis
     if assign:  # tensors of another dtype (an fp16 file) are copied into the fp32 model, never converted whole
         model.load_state_dict({k: v for k, v in matched.items() if v.dtype == own[k].dtype}, strict=False, assign=True)
     model.load_state_dict({k: v for k, v in matched.items() if not assign or v.dtype != own[k].dtype}, strict=False)
-    if getattr(model, "model_ema", None) is not None and not any(k.startswith("model_ema.") for k in matched):
+    if model.model_ema is not None and not any(k.startswith("model_ema.") for k in matched):
         # Start the average at the loaded weights, not at the random initialisation.
         model.model_ema.copy_from(model.unet)
     # LoRA adapters start from their own initialisation; a base checkpoint never holds them.
@@ -191,7 +190,6 @@ def load_model(path: str | Path, config=None, ema: bool = True, device: str | to
     model.eval().requires_grad_(False).to(device)
     model.weights_summary = f"{summary}\n  architecture from {origin}"
     model.weights_config = section
-    model.weights_step = src.step
     model.weights_ema = n_ema > 0
     if verbose:
         print(model.weights_summary)

@@ -21,8 +21,8 @@ from ldm.weights import clip_visual
 UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", \
     "cond_stage_model.model."
 VISUAL = OPENCLIP + "visual."  # image variations: the whole OpenAI CLIP model sits under cond_stage_model.model.
-OURS = {"unet": "unet.", "vae": "first_stage_model.vae.", "text": "cond_stage_model.transformer.",
-        "image": "cond_stage_model.encoder."}
+# Where each layout a model part names (``WeightComponent.original``) sits in an original file.
+ORIGINAL_PREFIX = {"unet": UNET, "vae": VAE, "clip_text": CLIP, "open_clip_text": OPENCLIP, "clip_visual": VISUAL}
 
 
 # ---- what a file is ---------------------------------------------------------------------------------------
@@ -80,33 +80,47 @@ def _with_ema(state: dict) -> tuple[dict, int]:
     return out, n
 
 
-def original_to_project(state: dict, unet_config: dict, vae_config: dict, text_model, ema: bool = False
-                        ) -> tuple[dict[str, torch.Tensor], int]:
-    """Convert an original-layout state dict; returns the project state and how many EMA tensors it used."""
+def _convert_component(state: dict, row) -> dict[str, torch.Tensor]:
+    """One model part's tensors from an original-layout ``state``, in the library network's own keys."""
+    layout = row.original
+    if layout == "unet":
+        return sfu.convert_ldm_unet_checkpoint(state, dict(row.module.config))
+    if layout == "vae":
+        return sfu.convert_ldm_vae_checkpoint(state, dict(row.module.config))
+    if layout == "clip_visual":
+        return clip_visual.openai_to_hf({k[len(VISUAL):]: v for k, v in state.items() if k.startswith(VISUAL)})
+    if layout == "open_clip_text":
+        layers = row.module.config.num_hidden_layers
+        keep = {k: v for k, v in state.items() if not _block_at_or_after(k, layers)}
+        text = sfu.convert_open_clip_checkpoint(row.module, keep, prefix=OPENCLIP)
+    elif layout == "clip_text":
+        text = sfu.convert_ldm_clip_checkpoint(state)
+    else:
+        raise ConfigError(f"no original single-file layout {layout!r} (known: {', '.join(ORIGINAL_PREFIX)})")
+    # position_ids is a buffer transformers rebuilds; older files carry it, the model has no place for it.
+    return {k.removeprefix("text_model."): v for k, v in text.items() if not k.endswith("embeddings.position_ids")}
+
+
+def original_to_project(state: dict, components, ema: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """Convert an original-layout state dict for a model whose parts declare ``components``
+    (``LatentDiffusion.weight_components()``); a part whose tensors the file lacks is left out (a UNet-only file,
+    a text tower beside an image tower). Returns the project state and how many EMA tensors it used."""
     n_ema = 0
     if ema:
         state, n_ema = _with_ema(state)
-    try:
-        unet = sfu.convert_ldm_unet_checkpoint(state, dict(unet_config))
-        vae = sfu.convert_ldm_vae_checkpoint(state, dict(vae_config)) if any(k.startswith(VAE) for k in state) else {}
-        image = {}
-        if any(k.startswith(VISUAL) for k in state):  # image variations: the CLIP text tower beside it is unused
-            image = clip_visual.openai_to_hf({k[len(VISUAL):]: v for k, v in state.items() if k.startswith(VISUAL)})
-            text = {}
-        elif any(k.startswith(OPENCLIP) for k in state):
-            layers = text_model.config.num_hidden_layers
-            keep = {k: v for k, v in state.items() if not _block_at_or_after(k, layers)}
-            text = sfu.convert_open_clip_checkpoint(text_model, keep, prefix=OPENCLIP)
-        else:
-            text = sfu.convert_ldm_clip_checkpoint(state)
-    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
-        raise ConfigError(f"cannot convert this {describe(state)} file: {type(err).__name__} {err}") from err
-    out = {OURS["unet"] + k: v for k, v in unet.items()}
-    out.update({OURS["vae"] + k: v for k, v in vae.items()})
-    out.update({OURS["image"] + k: v for k, v in image.items()})
-    # position_ids is a buffer transformers rebuilds; older files carry it, the model has no place for it.
-    out.update({OURS["text"] + k.removeprefix("text_model."): v for k, v in text.items()
-                if not k.endswith("embeddings.position_ids")})
+    out = {}
+    for row in components:
+        if row.original not in ORIGINAL_PREFIX:
+            raise ConfigError(f"no original single-file layout {row.original!r} (known: {', '.join(ORIGINAL_PREFIX)})")
+        if not any(k.startswith(ORIGINAL_PREFIX[row.original]) for k in state):
+            continue
+        if row.original in ("clip_text", "open_clip_text") and any(k.startswith(VISUAL) for k in state):
+            continue  # an image-variations file's unused text tower is not a text encoder to load
+        try:
+            converted = _convert_component(state, row)
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
+            raise ConfigError(f"cannot convert this {describe(state)} file: {type(err).__name__} {err}") from err
+        out.update({row.prefix + k: v for k, v in converted.items()})
     return out, n_ema
 
 
@@ -201,25 +215,36 @@ def _openclip(text: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def project_to_original(state: dict, text_layout: str = "clip") -> dict[str, torch.Tensor]:
-    """This project's UNet/VAE/text tensors in the original layout; ``text_layout`` is 'clip' or 'open_clip'."""
-    parts = {name: {k[len(p):]: v for k, v in state.items() if k.startswith(p)} for name, p in OURS.items()}
-    unet, vae, text, image = parts["unet"], parts["vae"], parts["text"], parts["image"]
-    per_block = _count(unet, r"down_blocks\.0\.resnets\.(\d+)\.")
-    up_attn = {int(m.group(1)) for k in unet if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
-    out = {UNET + _unet_key(k, per_block, up_attn): v for k, v in unet.items()}
-    n_up = _count(vae, r"decoder\.up_blocks\.(\d+)\.")
-    for key, value in vae.items():
-        new = VAE + _vae_key(key, n_up)
-        # The original VAE's mid-block attention uses 1x1 convolutions where diffusers has linear layers.
-        out[new] = value[:, :, None, None] if ".mid.attn_1." in new and value.ndim == 2 else value
-    out.update({VISUAL + k: v for k, v in clip_visual.hf_to_openai(image).items()})
-    if text_layout == "open_clip":
-        out.update(_openclip(text))
-    else:
-        out.update({CLIP + "text_model." + k: v for k, v in text.items()})
-        if text:
-            positions = text["embeddings.position_embedding.weight"].shape[0]
-            # Older loaders (transformers 4, A1111) expect this buffer in the file.
-            out[CLIP + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+def project_to_original(state: dict, components) -> dict[str, torch.Tensor]:
+    """This project's tensors in the original layout, each model part as its ``components`` row says."""
+    out = {}
+    for row in components:
+        part = {k[len(row.prefix):]: v for k, v in state.items() if k.startswith(row.prefix)}
+        if part:
+            out.update(_to_original(part, row.original))
     return out
+
+
+def _to_original(part: dict, layout: str) -> dict[str, torch.Tensor]:
+    if layout == "unet":
+        per_block = _count(part, r"down_blocks\.0\.resnets\.(\d+)\.")
+        up_attn = {int(m.group(1)) for k in part if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+        return {UNET + _unet_key(k, per_block, up_attn): v for k, v in part.items()}
+    if layout == "vae":
+        n_up, out = _count(part, r"decoder\.up_blocks\.(\d+)\."), {}
+        for key, value in part.items():
+            new = VAE + _vae_key(key, n_up)
+            # The original VAE's mid-block attention uses 1x1 convolutions where diffusers has linear layers.
+            out[new] = value[:, :, None, None] if ".mid.attn_1." in new and value.ndim == 2 else value
+        return out
+    if layout == "clip_visual":
+        return {VISUAL + k: v for k, v in clip_visual.hf_to_openai(part).items()}
+    if layout == "open_clip_text":
+        return _openclip(part)
+    if layout == "clip_text":
+        out = {CLIP + "text_model." + k: v for k, v in part.items()}
+        positions = part["embeddings.position_embedding.weight"].shape[0]
+        # Older loaders (transformers 4, A1111) expect this buffer in the file.
+        out[CLIP + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+        return out
+    raise ConfigError(f"no original single-file layout {layout!r} (known: {', '.join(ORIGINAL_PREFIX)})")

@@ -55,6 +55,8 @@ def open_weights(path: str | Path) -> Source:
     obj, metadata = read_file(path)
     if isinstance(obj.get("state_dict"), dict) and isinstance(obj.get("config"), dict):
         config = obj["config"].get("model", obj["config"])
+        if isinstance(obj.get("sampler_config"), dict):  # the resolved settings the model sampled with in training
+            config = {**config, "params": {**config.get("params", {}), "sampler_config": obj["sampler_config"]}}
         return Source(path, "training", tensors_only(obj, path), config, obj.get("global_step"), metadata)
     state = tensors_only(obj, path)
     found = describe(state)
@@ -145,6 +147,9 @@ def model_config_from_folder(folder: str | Path) -> dict:
             "timesteps": sched.get("num_train_timesteps", 1000), "linear_start": sched.get("beta_start", 0.00085),
             "linear_end": sched.get("beta_end", 0.012), "beta_schedule": sched.get("beta_schedule", "scaled_linear"),
             "parameterization": PARAMETERIZATION.get(sched.get("prediction_type", "epsilon"), "eps"),
+            # The folder's scheduler settings whole (with its _class_name), so every sampler is built as diffusers'
+            # from_config builds it.
+            "sampler_config": {k: v for k, v in sched.items() if k != "_diffusers_version"} or None,
             "unet_config": {"target": "ldm.models.denoiser.unet", "params": {"config": unet}},
             "first_stage_config": {"target": "ldm.models.first_stage.AutoencoderKLFirstStage",
                                    "params": {"scale_factor": vae.get("scaling_factor", 0.18215), "config": vae}},

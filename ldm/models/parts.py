@@ -1,0 +1,166 @@
+"""The declared interfaces of a LatentDiffusion's parts: what a conditioner and a first stage offer the rest of
+the project. Weights, LoRA, sampling, exports and callbacks use only these; they never reach into the library
+object a part wraps (a ``CLIPTextModel``, an ``AutoencoderKL``), so a new part touches one file.
+
+A part names its weights as :class:`WeightComponent` rows, one per library network it holds:
+
+- ``prefix``: where the network's tensors sit inside the part (``"transformer."`` in ``CLIPTextConditioner``);
+  the model adds its own attribute name (``"cond_stage_model."``) in front.
+- ``diffusers``: the pipeline folder's component (``text_encoder``, ``image_encoder``, ``vae``).
+- ``original``: which original single-file layout the tensors take there, a name ``ldm.weights.original`` maps
+  (``clip_text``, ``open_clip_text``, ``clip_visual``, ``vae``, ``unet``).
+- ``module``: the network itself, for the key-mapping code that needs its config (diffusers' converters do).
+
+How the next conditioners fit (a sketch, nothing here is built yet):
+
+- SDXL's two text encoders: one ``SDXLTextConditioner`` holding a CLIP ViT-L and an OpenCLIP bigG; ``kind`` is
+  ``text``; ``weight_components`` returns two rows (``text_encoder`` / ``clip_text`` under ``embedders.0.``
+  and ``text_encoder_2`` / ``open_clip_text`` under ``embedders.1.``); ``lora_modules`` returns both under
+  diffusers' LoRA prefixes ``text_encoder`` and ``text_encoder_2``; ``forward`` returns the 2048-wide context,
+  and the pooled vector travels as an ``added_cond`` the denoiser call routes to the UNet's added embeddings
+  (``LatentDiffusion.denoise`` is the one place that calls the UNet). Weights, LoRA and sampling code loop over
+  the rows and modules and need no change.
+- An OpenCLIP text encoder in open_clip's own classes: a conditioner whose row says ``open_clip_text``; the
+  tokenizer and ``prompt_warnings`` come with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ldm.util import ConfigError
+
+
+@dataclass(frozen=True)
+class WeightComponent:
+    prefix: str
+    diffusers: str
+    original: str
+    module: nn.Module | None = None
+
+    def under(self, owner: str) -> "WeightComponent":
+        """The same row with the owner's attribute name in front of the prefix (``cond_stage_model.`` + ...)."""
+        return WeightComponent(owner + self.prefix, self.diffusers, self.original, self.module)
+
+
+class Conditioner(nn.Module):
+    """A batch's conditions (captions, images) → the denoiser's cross-attention context.
+
+    Subclasses set ``kind`` and implement ``forward``, ``unconditional``, ``weight_components`` and
+    ``write_diffusers``; the rest has working defaults. The encoder trains with the UNet only when ``trainable``;
+    otherwise it stays in eval mode without gradients, whatever Lightning's ``.train()`` calls say.
+    """
+
+    kind: ClassVar[str] = ""  # "text" or "image": what ``forward`` takes
+    trainable = False
+    ucg_rate = 0.0  # probability of dropping a row's condition in training (classifier-free guidance)
+
+    def set_trainable(self, trainable: bool) -> None:
+        self.trainable = bool(trainable)
+        self.requires_grad_(self.trainable)
+        if not self.trainable:
+            self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(mode and self.trainable)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, conds: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The context for ``conds``; rows where ``drop`` is true get the unconditional context."""
+        raise NotImplementedError
+
+    def unconditional(self, batch_size: int) -> torch.Tensor:
+        """The guidance baseline diffusers' pipelines use for this kind of model."""
+        raise NotImplementedError
+
+    def negative(self, prompt: str, batch_size: int) -> torch.Tensor:
+        """The guidance baseline for a negative prompt (text conditioners only)."""
+        raise ConfigError(f"negative prompt {prompt!r}: this model is conditioned on {self.kind}s, not text; its "
+                          "guidance baseline is the unconditional embedding")
+
+    def prompt_warnings(self, prompts: Sequence[str]) -> list[str]:
+        """One line per prompt the encoder cannot read whole (text conditioners); none by default."""
+        return []
+
+    def preprocessing(self) -> dict:
+        """The input settings sampling must repeat exactly as training used them (recorded in checkpoints)."""
+        return {}
+
+    def input_channels(self) -> int | None:
+        """Channels of the images an image conditioner reads (None for text)."""
+        return None
+
+    def lora_modules(self) -> dict[str, nn.Module]:
+        """The networks LoRA may adapt, keyed by diffusers' LoRA file prefix (``text_encoder``)."""
+        return {}
+
+    def weight_components(self) -> list[WeightComponent]:
+        raise NotImplementedError
+
+    def description(self) -> str:
+        """A short name for error messages and summaries ("CLIP text encoder")."""
+        return type(self).__name__
+
+    def write_diffusers(self, out: Path) -> dict[str, list]:
+        """Write this part's configs (not weights) into a pipeline folder; return its ``model_index.json`` rows."""
+        raise NotImplementedError
+
+
+class FirstStage(nn.Module):
+    """Images in [-1, 1] ↔ the space the denoiser works in. Always in eval mode and without gradients."""
+
+    is_latent: ClassVar[bool] = True  # False: pixel-space diffusion (the data itself lies in [-1, 1])
+    downsample: int = 1
+    latent_channels: int = 3
+    image_channels: int = 3
+    scale_factor: float = 1.0
+
+    def freeze(self):
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def encode(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_components(self) -> list[WeightComponent]:
+        return []
+
+    @property
+    def has_vae(self) -> bool:
+        return bool(self.weight_components())
+
+    def write_diffusers(self, out: Path) -> dict[str, list]:
+        raise ConfigError(f"{type(self).__name__} has no VAE: a pixel-space model has no diffusers pipeline folder")
+
+
+def diffusers_prefixes() -> dict[str, str]:
+    """Pipeline folder component → this project's state-dict prefix, for every part this project has. Reading a
+    folder needs it before any model is built; the parts' own declarations are the single source."""
+    from ldm.models.conditioners import CLIPImageConditioner, CLIPTextConditioner
+    from ldm.models.first_stage import AutoencoderKLFirstStage
+
+    rows = {"unet": "unet."}
+    for cls, owner in ((AutoencoderKLFirstStage, "first_stage_model."), (CLIPTextConditioner, "cond_stage_model."),
+                       (CLIPImageConditioner, "cond_stage_model.")):
+        for diffusers, prefix in cls.DIFFUSERS.items():
+            rows[diffusers] = owner + prefix
+    return rows

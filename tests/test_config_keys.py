@@ -1,0 +1,40 @@
+"""Keys a config sets do something: TextOnly's output_size is the validation sample size, model.params.monitor is
+the metric top-k checkpoints are kept by, and the checkpoint callback has one key (lightning.modelcheckpoint)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ldm.data.text_only import TextOnly
+from ldm.launch import build_callbacks, default_callbacks
+from ldm.util import ConfigError
+from tests.test_model import tiny_model
+
+
+def test_output_size_is_the_size_validation_prompts_are_sampled_at():
+    batch = next(iter(DataLoader(TextOnly(["a cat", "a dog"], output_size=[16, 24]), batch_size=2)))
+    model = tiny_model()
+    images = model.log_images(batch, n=2, steps=1)
+    assert images["samples_cfg3"].shape == (2, 3, 16, 24)
+    default = next(iter(DataLoader(TextOnly(["a cat"]), batch_size=1)))
+    assert "height" not in default  # without output_size the model's own size
+    with pytest.raises(ConfigError, match="output_size must be a multiple of 8"):
+        TextOnly(["a cat"], output_size=30)
+
+
+def test_monitor_is_the_metric_top_k_checkpoints_are_kept_by(tmp_path):
+    config = {"model": {"params": {"monitor": "val/loss_ema"}}}
+    keep = {"modelcheckpoint": {"params": {"save_top_k": 2}}}
+    blocks = default_callbacks(tmp_path, "now", config, keep, False)
+    assert blocks["checkpoint"]["params"]["monitor"] == "val/loss_ema"
+    every = default_callbacks(tmp_path, "now", config, {}, False)
+    assert "monitor" not in every["checkpoint"]["params"]  # keeping every epoch needs no metric
+
+
+def test_the_checkpoint_callback_is_configured_under_one_key(tmp_path):
+    defaults = default_callbacks(Path(tmp_path), "now", {}, {}, False)
+    with pytest.raises(ConfigError, match="lightning.modelcheckpoint.params"):
+        build_callbacks({"callbacks": {"checkpoint": {"params": {"every_n_epochs": 5}}}}, defaults)

@@ -61,13 +61,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_rgb(src: ImageSource) -> Image.Image:
+def load_rgb(src: ImageSource, name: str | None = None) -> Image.Image:
     """Decode ``src`` (path, file object, bytes or PIL image) into an upright 8-bit RGB image.
 
     The pixels are fully decoded here so a truncated file fails now, inside the dataset's try/except,
-    rather than later in a transform. Animated images give their first frame.
+    rather than later in a transform. Animated images give their first frame. ``name`` is what errors call
+    the image (default: its path), e.g. ``shard.tar:000123.jpg`` for bytes read from an archive.
     """
-    name = _name_of(src)
+    name = name or _name_of(src)
     opened = None
     try:
         if isinstance(src, Image.Image):
@@ -153,16 +154,22 @@ class ImageCaptionDataset(Dataset):
         """Every file skipped so far, by this process or any DataLoader worker."""
         return self.skip_log.files
 
+    def load_image(self, src: ImageSource, name: str) -> Image.Image | None:
+        """The image, or None after recording it as skipped (one warning over all processes); known bad ones
+        are not decoded again."""
+        if name in self.skip_log:
+            return None
+        try:
+            return load_rgb(src, name)
+        except BadImage as err:
+            self.skip_log.add(name, str(err))
+            return None
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self)
         for offset in range(n):
             src, name, caption = self._record((i + offset) % n)
-            if name in self.skip_log:
-                continue
-            try:
-                image = load_rgb(src)
-            except BadImage as err:
-                self.skip_log.add(name, str(err))
-                continue
-            return {"image": self.transform(image), "caption": caption}
+            image = self.load_image(src, name)
+            if image is not None:
+                return {"image": self.transform(image), "caption": caption}
         raise BadImage(f"all {n} images of {self.description} failed to decode; see the warnings above")

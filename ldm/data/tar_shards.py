@@ -8,11 +8,14 @@ Each process × DataLoader worker ("slot") reads its own fixed share of the shar
 i mod slots) in a freshly shuffled order each pass, through a sample shuffle buffer, and yields exactly
 ``length // slots`` samples per epoch, cycling through its shards when they run out: every GPU then takes the same
 number of steps, which DDP needs.
+
+Images are decoded by :func:`ldm.data.images.load_rgb` like every other dataset's, and a sample that cannot be used
+(an image that does not decode, no image at all, or the rest of a truncated shard) is skipped with the shared
+warning naming ``shard:member``, once over all workers, and listed again when the run ends.
 """
 from __future__ import annotations
 
 import glob
-import io
 import random
 import re
 import tarfile
@@ -20,13 +23,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm.data.folder import IMAGE_EXTENSIONS, decode_text
+from ldm.data.images import ImageCaptionDataset, SkipLog
 from ldm.data.transforms import build_transforms
 from ldm.util import ConfigError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 CAPTION_EXTS = ("txt", "caption")
 
 
@@ -48,21 +52,40 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     return out
 
 
-def samples_in(shard: str) -> Iterator[dict[str, bytes]]:
-    """The samples of one shard, in order: ``{"__key__": key, ext: bytes, ...}``."""
+def samples_in(shard: str, skip_log: SkipLog | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, in order: ``{"__key__": key, "__names__": {ext: member}, ext: bytes, ...}``.
+
+    A shard that turns out to be truncated or corrupt ends early: what was read is kept, and the break is
+    reported through ``skip_log`` (or raised without one), so a bad download costs its samples, not the run.
+    """
     current: dict[str, Any] = {}
-    with tarfile.open(shard, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            key, _, ext = name.partition(".")
-            key = member.name[: len(member.name) - len(name)] + key
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            current[ext.lower()] = tar.extractfile(member).read()
+    last = None  # key of the last sample handed out, to say where a broken shard stopped
+    try:
+        with tarfile.open(shard, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = member.name.rsplit("/", 1)[-1]
+                key, _, ext = name.partition(".")
+                key = member.name[: len(member.name) - len(name)] + key
+                if current and current["__key__"] != key:
+                    last = current["__key__"]
+                    yield current
+                    current = {}
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is cut short")
+                current.setdefault("__names__", {})[ext.lower()] = member.name
+                current["__key__"] = key
+                current[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError) as err:
+        if skip_log is None:
+            raise ConfigError(f"TarShards: cannot read shard '{shard}': {type(err).__name__}: {err}") from err
+        where = f"after sample {last}" if last is not None else "before its first sample"
+        skip_log.add(f"{shard} (the rest, {where})",
+                     f"shard {shard} is truncated or corrupt {where}; the rest of it is skipped: "
+                     f"{type(err).__name__}: {err}")
+        current = {}  # its last sample may be incomplete
     if current:
         yield current
 
@@ -77,7 +100,7 @@ def _slot() -> tuple[int, int]:
     return rank * workers + wid, world * workers
 
 
-class TarShards(IterableDataset):
+class TarShards(IterableDataset, ImageCaptionDataset):
     """Items ``{"image": (3,H,W) in [-1,1], "caption": str}`` streamed from tar shards.
 
     Args:
@@ -91,26 +114,35 @@ class TarShards(IterableDataset):
     def __init__(self, urls: str | Sequence[str], image_transforms: Any = None, length: int | None = None,
                  shuffle_buffer: int = 1000, seed: int = 0):
         self.shards = expand_urls(urls)
-        self.transform = build_transforms(image_transforms)
-        self.length = int(length) if length is not None else sum(1 for s in self.shards for _ in samples_in(s))
+        # The map-style base gives the shared decoding and skipped-file report (DataModule lists those at the end).
+        ImageCaptionDataset.__init__(self, build_transforms(image_transforms), f"tar shards {urls!r}")
+        self.length = int(length) if length is not None else sum(
+            1 for s in self.shards for _ in samples_in(s, self.skip_log))
         self.shuffle_buffer, self.seed = int(shuffle_buffer), seed
         self._passes = 0
+
+    def __getitem__(self, i: int) -> Any:
+        raise TypeError("TarShards is streamed: iterate over it (no random access)")
 
     def __len__(self) -> int:
         """Samples per process per epoch (what one GPU's DataLoader sees)."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         return self.length // (torch.distributed.get_world_size() if distributed else 1)
 
-    def decode(self, sample: dict[str, bytes]) -> dict[str, Any] | None:
-        """The item of one sample, or None when it has no decodable image (skipped, like broken files elsewhere)."""
-        data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-        if data is None:
+    def decode(self, sample: dict[str, Any], shard: str) -> dict[str, Any] | None:
+        """The item of one sample, or None (skipped with a warning) when it has no image or the image is broken."""
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            name = f"{shard}:{sample['__key__']}"
+            if name not in self.skip_log:
+                has = ", ".join(sorted(sample["__names__"])) or "nothing"
+                self.skip_log.add(name, f"sample {name} has no image ({', '.join(IMAGE_EXTS)}); it has {has}")
             return None
-        try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-        except Exception:  # a broken image is skipped: one bad file must not stop a long streamed run
+        image = self.load_image(sample[ext], f"{shard}:{sample['__names__'][ext]}")
+        if image is None:
             return None
-        caption = next((sample[e].decode("utf-8", "replace").strip() for e in CAPTION_EXTS if e in sample), "")
+        caption = next((decode_text(sample[e], f"{shard}:{sample['__names__'][e]}").strip()
+                        for e in CAPTION_EXTS if e in sample), "")
         return {"image": self.transform(image), "caption": caption}
 
     def _stream(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
@@ -119,8 +151,8 @@ class TarShards(IterableDataset):
             rng.shuffle(order)
             found = False
             for shard in order:
-                for sample in samples_in(shard):
-                    item = self.decode(sample)
+                for sample in samples_in(shard, self.skip_log):
+                    item = self.decode(sample, shard)
                     if item is not None:
                         found = True
                         yield item

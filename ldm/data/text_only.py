@@ -17,7 +17,8 @@ from ldm.util import ConfigError
 class TextOnly(Dataset):
     """Items ``{"caption": str, "seed": int}``; each caption appears ``n_per_caption`` times with its own seed.
 
-    ``output_size`` is not part of the items; it tells whoever samples from these prompts what size to draw.
+    ``output_size`` (pixels, an int or ``[height, width]``) is the size the image logger samples these prompts at;
+    by default the model's own. Items then carry it as ``height``/``width``.
     """
 
     def __init__(
@@ -26,7 +27,7 @@ class TextOnly(Dataset):
         caption_file: str | None = None,
         seed: int = 0,
         n_per_caption: int = 1,
-        output_size: int = 512,
+        output_size: int | Sequence[int] | None = None,
     ) -> None:
         prompts = [str(c) for c in captions or []]
         if caption_file is not None:
@@ -42,6 +43,12 @@ class TextOnly(Dataset):
         self.captions = prompts
         self.seed = int(seed)
         self.n_per_caption = int(n_per_caption)
+        if output_size is not None:
+            size = [output_size] * 2 if isinstance(output_size, int) else [int(v) for v in output_size]
+            if len(size) != 2 or min(size) < 8 or any(v % 8 for v in size):
+                raise ConfigError(f"TextOnly: output_size must be a multiple of 8 (or [height, width] of them), "
+                                  f"got {output_size!r}")
+            output_size = tuple(size)
         self.output_size = output_size
 
     def __len__(self) -> int:
@@ -50,4 +57,7 @@ class TextOnly(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return {"caption": self.captions[i // self.n_per_caption], "seed": self.seed + i}
+        item = {"caption": self.captions[i // self.n_per_caption], "seed": self.seed + i}
+        if self.output_size is not None:
+            item["height"], item["width"] = self.output_size
+        return item

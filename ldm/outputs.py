@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from ldm.util import ConfigError
+from ldm.util import ConfigError, atomic_path
 
 META_KEY = "sd-finetune"  # PNG text chunk holding every setting as JSON; the other chunks are for people
 MULTIPLE = 8
@@ -98,13 +98,15 @@ def to_pil(image) -> Image.Image:
 
 # ---- PNGs with their settings --------------------------------------------------------------------------
 def write_png(path: str | Path, image, meta: dict) -> Path:
-    """Save ``image`` (HxWx3 uint8 or PIL) with ``meta`` as PNG text chunks: one per key, and all as JSON."""
+    """Save ``image`` (HxWx3 uint8 or PIL) with ``meta`` as PNG text chunks: one per key, and all as JSON. The
+    file appears complete or not at all, so an interrupted run never leaves a numbered PNG that cannot be read."""
     info = PngImagePlugin.PngInfo()
     for key, value in meta.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     info.add_text(META_KEY, json.dumps(meta))
     path = Path(path)
-    to_pil(image).save(path, pnginfo=info)
+    with atomic_path(path) as tmp:
+        to_pil(image).save(tmp, format="PNG", pnginfo=info)
     return path
 
 

@@ -1,9 +1,13 @@
-"""Config-to-object plumbing shared by every part of the project."""
+"""Plumbing shared by every part of the project: config-to-object, crash-safe file writes, a script's exit code."""
 from __future__ import annotations
 
 import importlib
+import os
+import secrets
 import sys
-from typing import Any, Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,49 @@ def instantiate_from_config(config: Mapping | None, **extra: Any) -> Any:
 
 def count_params(module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+PARTIAL_GLOB = ".*.part"  # the names ``atomic_path`` writes to; what an interrupted write may leave behind
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write the file to; renamed over ``path`` when the ``with`` block ends
+    normally, deleted when it raises (Ctrl-C included), so ``path`` is always the complete old file or the complete
+    new one, never half of either.
+
+    The name is hidden and unique (``.<name>.<pid>-<random>.part``, same folder, so the rename is atomic): a scan
+    for ``*.png`` or ``*.ckpt`` never meets a partial file and two processes never write the same one. It ends in
+    ``.part``, so PIL needs ``format=`` to save there. ``durable``: also fsync the file before the rename and the
+    folder after it, so a power cut cannot leave the new name pointing at unwritten data (for checkpoints).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename; without this a power loss can roll the directory entry back."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def run_cli(action: Callable[..., Any], *args: Any) -> int:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ldm.data.dreambooth import DreamBoothDataset, identifier_problems, rare_tokens
 from ldm.models.tokenizer import clip_tokenizer
-from ldm.util import ConfigError
+from ldm.util import PARTIAL_GLOB, ConfigError
 from tests.conftest import main_py, run_dirs
 from tests.test_model import tiny_model
 
@@ -114,7 +114,7 @@ def test_class_images_are_generated_once_and_resume_with_the_same_seeds(tmp_path
     files[1].unlink()  # as if interrupted before image 1 was written
     assert generate_class_images(model, folder, "a photo of a cat", 3, steps=2) == 1
     assert np.array_equal(np.asarray(Image.open(files[1])), first)
-    assert not list(folder.glob(".*.tmp"))
+    assert not list(folder.glob(PARTIAL_GLOB))
 
 
 def distance_to(samples: torch.Tensor, images: torch.Tensor) -> float:

@@ -3,8 +3,8 @@
 A Stable Diffusion checkpoint is several GB; writing it takes long enough that a SIGKILL, an OOM kill or a
 full disk can land mid-write. Writing in place would then leave a truncated ``last.ckpt`` and destroy the only
 resumable state. Here the bytes go to a temporary file in the target's directory (same filesystem, so the
-rename is atomic), are fsynced, and only then renamed over the target: readers see either the complete old
-file or the complete new one.
+rename is atomic), are fsynced, and only then renamed over the target (``ldm.util.atomic_path``): readers see
+either the complete old file or the complete new one.
 
 Loading keeps torch's safe ``weights_only=True`` unpickler. Lightning 2.6.6 passes ``weights_only=None``
 through to ``torch.load``, which on torch >= 2.6 means ``True`` as well. A checkpoint written by Lightning for a
@@ -17,51 +17,23 @@ from __future__ import annotations
 
 import os
 import pickle
-import uuid
 from typing import Any, Callable, Optional
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.types import _PATH
 
-
-def _fsync_dir(directory: str) -> None:
-    """Persist the rename itself; without this a power loss can roll the directory entry back."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from ldm.util import atomic_path
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
-    """``torch.save`` that either fully replaces ``path`` or leaves it untouched."""
+    """``torch.save`` that either fully replaces ``path`` or leaves it untouched, and survives a power cut."""
     path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    # A dot-prefixed unique name: globbing for "*.ckpt" never picks up a half-written file, and two
-    # processes saving at once (e.g. a stray duplicate job) cannot clobber each other's temp files.
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with 0o666 honours the umask, so the final file gets normal permissions (mkstemp would use 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt/SystemExit arriving mid-write
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # The temporary name is hidden and unique: globbing for "*.ckpt" never picks up a half-written file, and
+    # two processes saving at once (e.g. a stray duplicate job) cannot clobber each other's.
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -8,7 +8,6 @@ DataLoader after ``on_fit_start``, so the dataset picks the new files up before 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +20,7 @@ from ldm.callbacks.image_logger import to_grid
 from ldm.data.datamodule import Repeated
 from ldm.data.dreambooth import DreamBoothDataset
 from ldm.data.folder import find_images
+from ldm.util import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,8 @@ def generate_class_images(model, folder: str | Path, prompt: str, count: int, ba
         images = model.generate([prompt] * len(seeds), seeds, size=size, sampler=sampler, steps=steps,
                                 guidance_scale=guidance_scale, negative_prompt=negative_prompt, use_ema=False)
         for seed, image in zip(seeds, images):
-            tmp = folder / f".class-{seed:05d}.png.tmp"
-            to_pil(image).save(tmp, format="PNG")
-            os.replace(tmp, folder / f"class-{seed:05d}.png")
+            with atomic_path(folder / f"class-{seed:05d}.png") as tmp:
+                to_pil(image).save(tmp, format="PNG")
     return len(todo)
 
 

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ldm.data.folder import FolderCaptions, find_images, sidecar_caption
 from ldm.data.images import BadImage, load_rgb
-from ldm.util import ConfigError
+from ldm.util import PARTIAL_GLOB, ConfigError, atomic_path
 
 METADATA = "metadata.jsonl"
 MANIFEST = ".prepare_manifest.json"
@@ -86,15 +86,15 @@ def write_captions(folder: Path, captions: dict[str, str], sidecars: bool = Fals
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write through a hidden temporary file and rename, so readers and resumed runs never see half a file.
+    """Write through a hidden temporary file and rename (``ldm.util.atomic_path``), so readers and resumed runs
+    never see half a file.
 
     Identical content is left alone: a re-run that changes nothing leaves every file as it was, modification
     times included (datasets' cache, make and rsync go by them)."""
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ---- one source file -> one JPEG (runs in worker processes) ----------------------------------------------------
@@ -197,7 +197,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: Settings = 
     if not sources:
         raise ConfigError(f"no images found in {', '.join(map(str, inputs))}")
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(".tmp-*"):  # from an interrupted write; hidden names still end in .jpg
+    for leftover in out.glob(PARTIAL_GLOB):  # left by a write that was killed, so could not clean up
         leftover.unlink()
     old = load_manifest(out)
     foreign = [p.name for p in find_images(out) if p.relative_to(out).as_posix() not in old["outputs"]]

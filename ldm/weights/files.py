@@ -4,24 +4,31 @@ safetensors files are read through a private memory map, so a 4 GB file costs pa
 second copy in RAM, and written tensor by tensor with a progress bar. The format is a little-endian u64
 header length, a JSON header (``dtype``, ``shape``, ``data_offsets`` per tensor, ``__metadata__`` strings)
 and the raw bytes; reading it directly also lets a truncated file be named as such.
+
+This reader and writer are ours rather than the ``safetensors`` package's because the package cannot keep
+those properties: ``safe_open(...).get_tensor`` copies every tensor out of its map into RAM, and
+``save_file`` takes the whole (already cast) state dict at once and reports no progress. tests/test_files.py
+holds ours to the package both ways: its files read here tensor for tensor, ours read by ``safe_open`` with
+their metadata, and the same tensors written byte for byte as ``save_file`` writes them.
 """
 from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from ldm.util import ConfigError
+from ldm.util import ConfigError, atomic_path
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# In the order the reference writer (safetensors' Rust ``prepare``) lays tensors out: this order, then by name.
+DTYPES = {"I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "I32": torch.int32, "BF16": torch.bfloat16,
+          "F16": torch.float16, "I16": torch.int16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
+_WRITE_RANK = {name: i for i, name in enumerate(DTYPES)}
 # Where each diffusers pipeline component lives inside this project's LatentDiffusion state dict.
 # A folder holds text_encoder/ (text-to-image) or image_encoder/ (image variations), never both.
 DIFFUSERS_COMPONENTS = {"unet": "unet.", "vae": "first_stage_model.vae.", "text_encoder": "cond_stage_model.transformer.",
@@ -65,26 +72,26 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     """Write ``tensors`` one at a time (``half``: floating ones as fp16, cast as each is reached, so no second
     copy of the model exists); the file appears under its name only once complete.
 
-    Wider dtypes come first (a stable sort, as the reference writer does), so every tensor starts at a
-    multiple of its element size and readers can map it without copying.
+    The layout is the reference writer's (``safetensors.torch.save_file``): ``__metadata__`` first, tensors in
+    its dtype order (widest first) and then by name, the header padded to 8 bytes. So every tensor starts at a
+    multiple of its element size, readers can map it without copying, and the bytes equal ``save_file``'s for
+    the same tensors (with at most one metadata key: the package orders several in a random order).
     """
     dtype = {n: torch.float16 if half and t.is_floating_point() else t.dtype for n, t in tensors.items()}
-    size = {n: t.new_empty(0, dtype=dtype[n]).element_size() for n, t in tensors.items()}
-    names = sorted(tensors, key=lambda n: -size[n])
+    names = sorted(tensors, key=lambda n: (_WRITE_RANK[NAMES[dtype[n]]], n))
     header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name in names:
-        nbytes = tensors[name].numel() * size[name]
+        nbytes = tensors[name].numel() * tensors[name].new_empty(0, dtype=dtype[name]).element_size()
         header[name] = {"dtype": NAMES[dtype[name]], "shape": list(tensors[name].shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, as the reference writer does
     path = Path(path)
-    tmp = path.with_name(path.name + ".part")
     bar = _progress(offset, desc or path.name) if progress else None
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name in names:
             t = tensors[name].detach().to("cpu", dtype[name]).contiguous()
@@ -93,7 +100,6 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
                 bar.update(t.numel() * t.element_size())
     if bar is not None:
         bar.close()
-    os.replace(tmp, path)
     return path
 
 

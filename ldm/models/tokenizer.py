@@ -13,23 +13,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from transformers import CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from ldm.util import atomic_path
 
 N_MERGES = 49152 - 256 - 2
 DEFAULT_CACHE = Path(os.environ.get("SD_FINETUNE_CACHE", Path.home() / ".cache" / "sd-finetune")) / "clip-tokenizer"
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins CLIP uses for raw bytes (GPT-2's byte-to-unicode table, in order)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    order = printable + [b for b in range(256) if b not in printable]
-    return [table[b] for b in order]
 
 
 def write_clip_vocab(out_dir: str | os.PathLike) -> Path:
@@ -40,15 +29,13 @@ def write_clip_vocab(out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : N_MERGES + 1]
-    alphabet = _byte_alphabet()
+    alphabet = list(bytes_to_unicode().values())  # CLIP's 256 printable stand-ins for raw bytes, in GPT-2's order
     tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    tmp = out / "vocab.json.tmp"
-    tmp.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, out / "vocab.json")
-    tmp = out / "merges.txt.tmp"
-    tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "merges.txt")
+    with atomic_path(out / "vocab.json") as tmp:
+        tmp.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
+    with atomic_path(out / "merges.txt") as tmp:
+        tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return out
 
 

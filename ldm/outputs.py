@@ -145,14 +145,29 @@ def enlarge(image: Image.Image, min_side: int = 128) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def grid(images: Sequence, n_rows: int) -> Image.Image:
-    """CompVis's grid: ``n_rows`` images per row, 2 px white padding."""
+def image_grid(images, nrow: int, padding: int = 2, min_tile: int = 0, zoom: int | None = None) -> Image.Image:
+    """CompVis's grid as an RGB picture: ``nrow`` images per row, ``padding`` px of white around each.
+
+    ``images``: a (B, C, H, W) tensor in [-1, 1] (a model's samples) or a sequence of HxWxC / HxW uint8 arrays or
+    PIL images; one channel is shown as gray. Tiles are enlarged by a whole factor, nearest neighbour (no
+    smoothing): ``zoom`` times, or as many times as ``min_tile`` px fit in the smaller side, so 8-pixel samples
+    can be seen. Padding is in output pixels.
+    """
     import torch
     import torchvision
 
-    x = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2)
-    g = torchvision.utils.make_grid(x, nrow=n_rows, padding=2, pad_value=255)
-    return Image.fromarray(g.permute(1, 2, 0).numpy())
+    if torch.is_tensor(images):
+        x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    else:
+        arrays = [np.asarray(i) for i in images]
+        x = torch.from_numpy(np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])).permute(0, 3, 1, 2)
+    if zoom is None:
+        zoom = max(1, min_tile // min(x.shape[-2:]))
+    if zoom > 1:
+        x = x.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)
+    g = torchvision.utils.make_grid(x, nrow=nrow, padding=padding, pad_value=255)  # gray -> 3 channels
+    g = g.expand(3, -1, -1) if g.shape[0] == 1 else g  # (make_grid returns a lone image as it is)
+    return Image.fromarray(g.permute(1, 2, 0).contiguous().numpy())
 
 
 def labelled_grid(rows: Sequence[Sequence], row_labels: Sequence[str], col_labels: Sequence[str],

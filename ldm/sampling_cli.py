@@ -197,7 +197,7 @@ def run(args, img2img: bool) -> list[Path]:
         meta = {"prompt": " | ".join(dict.fromkeys(prompts)), "prompts": prompts, **settings, "kind": "grid",
                 "seed": args.seed, "seeds": [args.seed if args.fixed_code else args.seed + k for k in range(total)],
                 "n_samples": n, "n_iter": args.n_iter, "fixed_code": args.fixed_code}
-        written.append(outputs.write_png(g, outputs.grid(cells, args.n_rows or n), meta))
+        written.append(outputs.write_png(g, outputs.image_grid(cells, args.n_rows or n), meta))
     print(f"wrote {len(written)} images to {outdir}/ ({settings['size']}, {args.sampler}, {args.ddim_steps} steps, "
           f"scale {args.scale:g}, seed {args.seed}, {settings['precision']} on {device.type})")
     return written

@@ -1,10 +1,15 @@
-"""The helpers every part shares: crash-safe writes (atomic_path)."""
+"""The helpers every part shares: crash-safe writes (atomic_path) and picture grids (image_grid)."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
+import torch
+import torchvision
+from PIL import Image
 
+from ldm.outputs import image_grid
 from ldm.util import PARTIAL_GLOB, atomic_path
 
 
@@ -37,3 +42,49 @@ def test_atomic_path_names_differ_between_writers(tmp_path):
         two.write_text("2")
         assert one != two
     assert (tmp_path / "a").read_text() == "1" and os.listdir(tmp_path) == ["a"]  # the last to finish wins
+
+
+# ---- image_grid ---------------------------------------------------------------------------------------------------
+def samples(n=5, c=3, h=8, w=8, seed=0) -> torch.Tensor:
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed)) * 1.5  # beyond [-1, 1] too
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def test_grid_is_torchvisions_make_grid_in_white():
+    x = samples(5, 3, 12, 10)
+    reference = torchvision.utils.make_grid(to_uint8(x), nrow=3, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    grid = image_grid(x, 3)
+    assert grid.mode == "RGB" and grid.size == (2 + 3 * (10 + 2), 2 + 2 * (12 + 2))
+    assert np.array_equal(np.asarray(grid), reference)
+    assert (np.asarray(grid)[:2] == 255).all()  # padding is white
+    # The same pictures as uint8 HxWxC arrays or PIL images make the same grid.
+    arrays = [a for a in to_uint8(x).permute(0, 2, 3, 1).numpy()]
+    assert np.array_equal(np.asarray(image_grid(arrays, 3)), reference)
+    assert np.array_equal(np.asarray(image_grid([Image.fromarray(a) for a in arrays], 3)), reference)
+
+
+def test_gray_samples_become_a_gray_rgb_grid():
+    x = samples(4, 1)
+    grid = np.asarray(image_grid(x, 2))
+    assert grid.shape == (2 + 2 * 10, 2 + 2 * 10, 3)
+    assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 1] == grid[..., 2]).all()
+    gray = [a[..., 0] for a in to_uint8(x).permute(0, 2, 3, 1).numpy()]
+    assert np.array_equal(np.asarray(image_grid(gray, 2)), grid)  # HxW arrays too
+    assert np.asarray(image_grid(x[:1], 1)).shape == (8, 8, 3)  # a lone gray tile
+
+
+def test_zoom_enlarges_tiles_without_smoothing():
+    x = samples(6, 1, 8, 8)
+    # zoom k with padding k is the padding-1 grid enlarged k times (how the digits grids were made).
+    small = image_grid(x, 3, padding=1)
+    expected = small.resize((small.width * 4, small.height * 4), Image.Resampling.NEAREST)
+    assert np.array_equal(np.asarray(image_grid(x, 3, padding=4, zoom=4)), np.asarray(expected))
+    # min_tile: as many whole times as fit; tiles already that big stay as they are.
+    assert image_grid(x, 3, min_tile=64).size == (2 + 3 * (64 + 2), 2 + 2 * (64 + 2))
+    assert image_grid(x, 3, min_tile=60).size == (2 + 3 * (56 + 2), 2 + 2 * (56 + 2))
+    assert image_grid(samples(2, 3, 64, 48), 2, min_tile=64).size == (2 + 2 * (48 + 2), 2 + 64 + 2)
+    tile = np.asarray(image_grid(x[:2], 2, padding=0, zoom=3))[:3, :3]
+    assert (tile == tile[0, 0]).all()  # one source pixel became a 3x3 block

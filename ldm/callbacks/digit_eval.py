@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torchvision
-from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.data.digits import digit_caption, split_digits, to_digit_range
+from ldm.outputs import image_grid
 
 
 class DigitClassifier:
@@ -77,7 +76,7 @@ class DigitScore(pl.Callback):
         return self.classifier.accuracy(images, labels), images
 
     def save_grid(self, images: torch.Tensor, path: Path) -> None:
-        save_zoomed_grid(images, self.n_per_class, self.zoom, path)
+        image_grid(images, self.n_per_class, padding=self.zoom, zoom=self.zoom).save(path)
 
     # The two pieces a sibling score (e.g. ldm.callbacks.variation_eval.VariationScore) replaces.
     metric = "val/prompt_accuracy"
@@ -111,11 +110,3 @@ class DigitScore(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self._evaluate(trainer, pl_module)
-
-
-def save_zoomed_grid(images: torch.Tensor, nrow: int, zoom: int, path: Path) -> None:
-    """Small digits as a PNG a person can see: a grid enlarged ``zoom`` times without smoothing."""
-    grid = torchvision.utils.make_grid(images.float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(pixels)
-    img.resize((img.width * zoom, img.height * zoom), Image.Resampling.NEAREST).save(path)

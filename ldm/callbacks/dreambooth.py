@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.callbacks.image_logger import to_grid
+from ldm.callbacks.image_logger import MIN_TILE
 from ldm.data.datamodule import Repeated
 from ldm.data.dreambooth import DreamBoothDataset
 from ldm.data.folder import find_images
+from ldm.outputs import image_grid
 from ldm.util import atomic_path
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,6 @@ class DreamBoothSamples(pl.Callback):
         folder = Path(trainer.default_root_dir) / "images" / "train"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"dreambooth_gs-{step:06}.png"
-        Image.fromarray(to_grid(images, self.n)).save(path)
+        image_grid(images, self.n, min_tile=MIN_TILE).save(path)
         (folder / f"dreambooth_gs-{step:06}.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
         return path

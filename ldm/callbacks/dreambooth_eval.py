@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.callbacks.dreambooth import dreambooth_datasets
-from ldm.callbacks.image_logger import to_grid
+from ldm.callbacks.image_logger import MIN_TILE
+from ldm.outputs import image_grid
 
 
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -94,13 +95,11 @@ class DreamBoothScore(pl.Callback):
         datasets = dreambooth_datasets(trainer)
         if not datasets:
             return
-        from PIL import Image
-
         with trainer.precision_plugin.forward_context():
             self.result, grid = self.score(pl_module, datasets[0])
         self.result["step"] = trainer.global_step
         folder = Path(trainer.default_root_dir)
         (folder / "dreambooth_score.json").write_text(json.dumps(self.result, indent=2) + "\n")
-        Image.fromarray(to_grid(grid, self.n)).save(folder / "dreambooth_score.png")
+        image_grid(grid, self.n, min_tile=MIN_TILE).save(folder / "dreambooth_score.png")
         print(f"step {trainer.global_step}: {self.figure(self.result)}\n  photos / instance prompt / class prompt: "
               f"{folder / 'dreambooth_score.png'}", flush=True)

@@ -5,21 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
-import torchvision
-from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.outputs import image_grid
 
-def to_grid(images: torch.Tensor, nrow: int, min_tile: int = 64) -> np.ndarray:
-    """(B,C,H,W) in [-1, 1] → an HxWx3 uint8 grid; tiles smaller than ``min_tile`` are enlarged (nearest) so
-    8-pixel demo samples are visible."""
-    images = images.detach().float().cpu()
-    zoom = max(1, min_tile // images.shape[-1])
-    if zoom > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=zoom, mode="nearest")
-    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-    return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+MIN_TILE = 64  # grid tiles smaller than this are enlarged (nearest neighbour), so 8-pixel demo samples are visible
 
 
 class ImageLogger(pl.Callback):
@@ -62,11 +52,11 @@ class ImageLogger(pl.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         step, epoch = pl_module.global_step, pl_module.current_epoch
         for key, value in images.items():
-            grid = to_grid(value, self.nrow or len(value))
+            grid = image_grid(value, self.nrow or len(value), min_tile=MIN_TILE)
             path = folder / f"{key}_gs-{step:06}_e-{epoch:06}_b-{batch_idx:06}.png"
-            Image.fromarray(grid).save(path)
+            grid.save(path)
             written[key] = path
-            self._to_loggers(trainer, f"{split}/{key}", grid, step, batch)
+            self._to_loggers(trainer, f"{split}/{key}", np.asarray(grid), step, batch)
         return written
 
     @staticmethod

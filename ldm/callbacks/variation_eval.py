@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.callbacks.digit_eval import DigitScore, save_zoomed_grid
+from ldm.callbacks.digit_eval import DigitScore
 from ldm.data.digits import split_digits, to_model_range
 
 
@@ -54,7 +54,7 @@ class VariationScore(DigitScore):
     def save_grid(self, inputs: torch.Tensor, outputs: torch.Tensor, path: Path) -> None:
         k = self.n_per_class
         rows = [part for c in range(10) for part in (inputs[c * k:(c + 1) * k], outputs[c * k:(c + 1) * k])]
-        save_zoomed_grid(torch.cat(rows), k, self.zoom, path)
+        super().save_grid(torch.cat(rows), path)
 
     def evaluate_once(self, pl_module, path: Path) -> float:
         score, inputs, outputs = self.score(pl_module)

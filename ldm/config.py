@@ -4,9 +4,9 @@ from __future__ import annotations
 import difflib
 import inspect
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.callbacks import IMPLICIT_TARGETS
@@ -15,7 +15,16 @@ from ldm.util import ConfigError, get_obj_from_str
 _MISSING = object()
 
 
-def load_yaml(path: str | Path) -> DictConfig:
+def to_container(value: Any) -> Any:
+    """OmegaConf's DictConfig/ListConfig as plain dicts and lists with every interpolation resolved (what classes
+    built from a config expect: torchvision checks ``isinstance(size, (list, tuple))``); anything else as it is."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def load_yaml(path: str | Path, seen: tuple | None = None) -> DictConfig:
+    """A YAML config as a DictConfig, with its ``base`` files merged in; one-line errors for missing or bad files."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -27,7 +36,26 @@ def load_yaml(path: str | Path) -> DictConfig:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return cfg
+    return _with_bases(cfg, path, seen=(path.resolve(),) if seen is None else seen)
+
+
+def _with_bases(cfg: DictConfig, path: Path, seen: tuple) -> DictConfig:
+    """A top-level ``base: [file, ...]`` (paths relative to this file) is merged first, this file over it: how a
+    recipe names the architecture it trains (``base: [architectures/sd-v1.yaml]``) without writing it out."""
+    bases = cfg.pop("base", None)
+    if bases is None:
+        return cfg
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    merged = OmegaConf.create()
+    for name in bases:
+        base = (path.parent / str(name)).resolve()
+        if base in seen:
+            raise ConfigError(f"config file {str(path)!r}: base {name!r} includes itself")
+        later = load_yaml(base, seen=seen + (base,))
+        _drop_retargeted(merged, later)
+        merged = OmegaConf.merge(merged, later)
+    _drop_retargeted(merged, cfg)
+    return OmegaConf.merge(merged, cfg)
 
 
 def _flat_keys(cfg, prefix: str = "") -> list[str]:

@@ -2,6 +2,7 @@
 the metric top-k checkpoints are kept by, and the checkpoint callback has one key (lightning.modelcheckpoint)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,26 @@ def test_the_checkpoint_callback_is_configured_under_one_key(tmp_path):
     defaults = default_callbacks(Path(tmp_path), "now", {}, {}, False)
     with pytest.raises(ConfigError, match="lightning.modelcheckpoint.params"):
         build_callbacks({"callbacks": {"checkpoint": {"params": {"every_n_epochs": 5}}}}, defaults)
+
+
+def test_recipes_include_their_named_architecture_and_loading_never_reads_a_recipe(tmp_path):
+    """configs/architectures/*.yaml is the one place an architecture is written out: the recipes include it with
+    `base:`, and ldm.weights resolves an unlabelled SD v1 file to it, so editing configs/pokemon.yaml changes how
+    that recipe trains, never how other files load."""
+    from ldm.config import load_yaml
+    from ldm.weights import load as weights_load
+
+    repo = Path(__file__).resolve().parents[1]
+    arch = load_yaml(repo / "configs" / "architectures" / "sd-v1.yaml").model.params
+    for recipe in ("pokemon", "simpsons", "dreambooth"):
+        params = load_yaml(repo / "configs" / f"{recipe}.yaml").model.params
+        for block in ("unet_config", "first_stage_config", "cond_stage_config"):
+            assert params[block].params.config == arch[block].params.config, (recipe, block)
+        text = (repo / "configs" / f"{recipe}.yaml").read_text()
+        assert not re.search(r"^\s+config:", text, re.M)  # no architecture written out in the recipe
+    assert weights_load.SD_V1_CONFIG.parent.name == "architectures"
+    assert weights_load.VARIATIONS_CONFIG.parent.name == "architectures"
+    loop = tmp_path / "a.yaml"
+    loop.write_text("base: [a.yaml]\nmodel: {}\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_yaml(loop)

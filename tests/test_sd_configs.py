@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from skimage import data as skdata
 
+from ldm.config import load_yaml
 from ldm.config import merge_configs
 from ldm.util import ConfigError, count_params, instantiate_from_config
 from ldm.weights import load_weights
@@ -93,12 +94,12 @@ def test_pokemon_builds_sd_v1_at_full_size_with_the_published_parameter_counts()
 
 
 def test_simpsons_uses_the_same_model_as_pokemon():
-    assert OmegaConf.load(SIMPSONS).model == OmegaConf.load(POKEMON).model
+    assert load_yaml(SIMPSONS).model == load_yaml(POKEMON).model
 
 
 @pytest.mark.parametrize("path", [POKEMON, SIMPSONS], ids=["pokemon", "simpsons"])
 def test_recipe_settings(path):
-    cfg = OmegaConf.load(path)
+    cfg = load_yaml(path)
     assert cfg.model.params.pretrained == "models/stable-diffusion-v1-5"
     assert cfg.model.base_learning_rate == 1e-4 and cfg.model.params.scheduler_config.params.warm_up_steps[0] > 0
     assert cfg.data.params.batch_size == 4
@@ -201,6 +202,7 @@ def test_pokemon_recipe_trains_two_steps_with_the_tiny_model(tiny_folder, tmp_pa
            "--finetune_from", str(tiny_folder[0]), f"data.params.train.params.name={images}",
            "data.params.train.params.image_transforms.0.params.size=64",
            "data.params.train.params.image_transforms.1.params.size=64", "data.params.num_workers=0",
+           "data.params.validation.params.output_size=64",  # the recipe's validation prompts sample at 512 px
            "lightning.trainer.max_steps=2", "lightning.callbacks.image_logger.params.steps=2"]
     # Offline, and one BLAS thread: pytest and this process share the CPU cores.
     env = {**{k: v for k, v in os.environ.items() if k != "SD_FINETUNE_RUN_DIR"}, "HF_HUB_OFFLINE": "1",

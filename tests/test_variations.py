@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm.config import load_yaml
 from ldm.models.conditioners import CLIPImageConditioner
 from ldm.util import ConfigError, instantiate_from_config
 from ldm.weights import load_model
@@ -145,7 +146,7 @@ def test_stage1_then_stage2_recipe_end_to_end(tmp_path, image_folder):
 
 
 def test_recipe_files_say_what_the_recipe_says():
-    s1, s2 = OmegaConf.load(STAGE1), OmegaConf.load(STAGE2)
+    s1, s2 = load_yaml(STAGE1), load_yaml(STAGE2)
     assert s1.model.params.trainable == "attn2" and s2.model.params.trainable == "all"
     assert s1.model.base_learning_rate == 1e-5 and s1.data.params.batch_size == 4
     assert (s1.lightning.trainer.accumulate_grad_batches, s2.lightning.trainer.accumulate_grad_batches) == (4, 5)
@@ -162,7 +163,7 @@ def test_recipe_files_say_what_the_recipe_says():
 def test_full_size_recipe_is_sd_v1_unet_with_vit_l14_image_context():
     """Built on the meta device (shapes only): SD v1's UNet and VAE, ViT-L/14's vision tower + projection, no text
     encoder; a 512 px image becomes a (B, 1, 768) context the UNet takes."""
-    cfg = OmegaConf.to_container(OmegaConf.load(STAGE1).model, resolve=True)
+    cfg = OmegaConf.to_container(load_yaml(STAGE1).model, resolve=True)
     cfg["params"]["pretrained"] = None
     cfg["params"]["cond_stage_config"]["params"]["pretrained"] = None
     with torch.device("meta"):

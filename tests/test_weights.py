@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm.config import load_yaml
 from ldm.util import ConfigError, instantiate_from_config
 from ldm.weights import describe, export_diffusers, export_single_file, load_model, load_weights, prepare
 from ldm.weights.export import Exportable
@@ -36,7 +37,7 @@ def script(name: str):
 
 
 def section(path: Path = TINY) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(path).model, resolve=True)
+    return OmegaConf.to_container(load_yaml(path).model, resolve=True)
 
 
 def tiny_sd2_section() -> dict:

@@ -18,14 +18,6 @@ from ldm.util import ConfigError
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
 
-def default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
 def load_blip(model: str, device: str) -> tuple[Any, Any]:
     """``(processor, model)`` from a local folder or a Hub id, in half precision on a GPU; one-line error if not."""
     import torch
@@ -83,7 +75,9 @@ def caption_folder(
     import torch
     from tqdm import tqdm
 
-    device = device or default_device()
+    from ldm.inference import pick_device
+
+    device = device or str(pick_device())  # CUDA, then MPS, then CPU
     log(f"captioning {len(todo)} of {len(names)} images with {model} on {device}")
     processor, net = load_blip(model, device)
     gen = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}

@@ -13,8 +13,10 @@ from ldm.weights.original import has_original_ema, original_to_project
 from ldm.weights.source import Source, model_config_from_folder, open_weights
 
 ROOT = Path(__file__).resolve().parents[2]
-SD_V1_CONFIG = ROOT / "configs" / "pokemon.yaml"  # its model section is SD v1's architecture, written out
-VARIATIONS_CONFIG = ROOT / "configs" / "image-variations.yaml"  # SD v1 with CLIP ViT-L/14's image tower
+# The named architectures an unlabelled original file is recognised as (the recipes include the same files).
+ARCHITECTURES = ROOT / "configs" / "architectures"
+SD_V1_CONFIG = ARCHITECTURES / "sd-v1.yaml"
+VARIATIONS_CONFIG = ARCHITECTURES / "sd-v1-image-variations.yaml"  # SD v1 with CLIP ViT-L/14's image tower
 
 
 def model_description(model) -> str:
@@ -176,7 +178,7 @@ def load_model(path: str | Path, config=None, ema: bool = True, device: str | to
 
     ``path``: a run dir or training ``.ckpt`` (architecture from the config stored inside), a diffusers folder
     (from its json configs), an original single ``.ckpt``/``.safetensors`` (``config`` = a YAML or a diffusers
-    folder of the same model; SD v1 is recognised and defaults to configs/pokemon.yaml's architecture), or an
+    folder of the same model; SD v1 is recognised and defaults to configs/architectures/sd-v1.yaml), or an
     export of this project (its config travels in the metadata). ``ema`` uses the EMA UNet weights when the
     source has them. Every tensor the model needs must be in the source.
     """

@@ -11,11 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import DEFAULT_TARGETS
+from ldm.config import to_container
 from ldm.util import ConfigError, instantiate_from_config
-
-
-def _plain(cfg) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
 
 
 def _wandb_without_prompt() -> None:
@@ -54,7 +51,7 @@ def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: di
                   "every_n_epochs": 1, "verbose": True,
                   # Run dirs are unique, so an existing last.ckpt is this run's own (resumed): overwrite, never last-v1.
                   "enable_version_counter": False}
-    checkpoint.update(_plain(lightning_config.get("modelcheckpoint", {})).get("params", {}))
+    checkpoint.update((lightning_config.get("modelcheckpoint") or {}).get("params") or {})
     params = {
         "setup_callback": {"logdir": str(logdir), "now": now, "config": config, "lightning_config": lightning_config,
                            "resume": resume},
@@ -70,8 +67,8 @@ def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: di
 
 def build_callbacks(lightning_config: dict, defaults: dict) -> list:
     """Config ``lightning.callbacks.<name>`` blocks update the defaults of the same name or add new ones."""
-    merged = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(_plain(lightning_config.get("callbacks", {}))))
-    return [instantiate_from_config(block) for block in _plain(merged).values() if block]
+    merged = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(lightning_config.get("callbacks") or {}))
+    return [instantiate_from_config(block) for block in to_container(merged).values() if block]
 
 
 def trainer_kwargs(trainer_cfg: dict, gpus: str | None, num_nodes: int) -> dict:
@@ -118,13 +115,13 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
     from ldm.callbacks.checkpoint_io import AtomicCheckpointIO
     from ldm.weights import load_weights
 
-    lightning_config = _plain(config.pop("lightning", OmegaConf.create()))
+    lightning_config = to_container(config.pop("lightning", None)) or {}  # from here on, plain dicts
     for section in ("model", "data"):
         if section not in config:
             raise ConfigError(f"the merged config has no '{section}' section (sections found: {sorted(config)})")
-    project = _plain(config)
+    project = to_container(config)
     # Checked before the (possibly multi-GB) model is built, so --gpus/trainer mistakes fail fast.
-    kwargs = trainer_kwargs(_plain(lightning_config.get("trainer", {})), args.gpus, args.num_nodes)
+    kwargs = trainer_kwargs(lightning_config.get("trainer") or {}, args.gpus, args.num_nodes)
     pl.seed_everything(args.seed, workers=True, verbose=False)  # Lightning's own line would go to stderr
     print(f"seed {args.seed}")
 
@@ -137,7 +134,7 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
         print(load_weights(model, args.finetune_from, ema=args.finetune_ema))
     print(model.summary())
 
-    loggers = build_loggers(_plain(lightning_config.get("logger", {})), logdir)
+    loggers = build_loggers(lightning_config.get("logger") or {}, logdir)
     callbacks = build_callbacks(lightning_config,
                                 default_callbacks(logdir, now, project, lightning_config, resume_ckpt is not None))
     try:

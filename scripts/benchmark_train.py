@@ -106,8 +106,9 @@ class StepClock:
 
 
 def _model_config(args) -> dict:
-    from omegaconf import OmegaConf
-    model = OmegaConf.to_container(OmegaConf.load(args.config)["model"], resolve=True)
+    from ldm.config import load_yaml, to_container
+
+    model = to_container(load_yaml(args.config).model)
     model["params"]["use_ema"] = bool(args.ema)
     return model
 

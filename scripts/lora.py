@@ -40,15 +40,15 @@ def merge(base: Path, lora: Path, out: Path, scale: float = 1.0) -> Path:
 def extract(ckpt: Path, out: Path) -> Path:
     """Rebuild the checkpoint's model from the run's config (``<run>/configs/*-project.yaml``), then save its adapter."""
     import torch
-    from omegaconf import OmegaConf
 
+    from ldm.config import load_yaml, to_container
     from ldm.lora import has_lora, save_lora
     from ldm.util import instantiate_from_config
 
     configs = sorted((ckpt.parent.parent / "configs").glob("*-project.yaml"))
     if not configs:
         raise ConfigError(f"no <run>/configs/*-project.yaml next to {str(ckpt)!r}; is it a run dir checkpoint?")
-    cfg = OmegaConf.to_container(OmegaConf.load(configs[-1]).model, resolve=True)
+    cfg = to_container(load_yaml(configs[-1]).model)
     model = instantiate_from_config(cfg)
     if not has_lora(model.unet):
         raise ConfigError(f"{str(configs[-1])!r} trains no LoRA (model.params.lora is not set)")

@@ -52,14 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_config(path: Path) -> dict:
     """The ``model`` section of ``path`` with ``pretrained`` cleared: the architecture alone."""
-    from omegaconf import OmegaConf
-
-    from ldm.config import load_yaml
+    from ldm.config import load_yaml, to_container
 
     cfg = load_yaml(path)
     if "model" not in cfg:
         raise ConfigError(f"config {str(path)!r} has no 'model' section")
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = to_container(cfg.model)
     model.setdefault("params", {})["pretrained"] = None
     model["params"]["use_ema"] = False  # the folder holds no EMA; skip its copy of the UNet (3.4 GB at SD v1 size)
     for block in ("unet_config", "first_stage_config", "cond_stage_config"):

@@ -1,4 +1,4 @@
-"""The helpers every part shares: crash-safe writes (atomic_path) and picture grids (image_grid)."""
+"""The helpers every part shares: crash-safe writes (atomic_path), plain configs (to_container) and picture grids (image_grid)."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 from PIL import Image
 
+from ldm.config import to_container
 from ldm.outputs import image_grid
 from ldm.util import PARTIAL_GLOB, atomic_path
 
@@ -42,6 +44,17 @@ def test_atomic_path_names_differ_between_writers(tmp_path):
         two.write_text("2")
         assert one != two
     assert (tmp_path / "a").read_text() == "1" and os.listdir(tmp_path) == ["a"]  # the last to finish wins
+
+
+# ---- to_container -------------------------------------------------------------------------------------------------
+def test_to_container_resolves_omegaconf_and_passes_the_rest():
+    cfg = OmegaConf.create({"size": 256, "crop": "${size}", "steps": [{"target": "a.B", "params": {"n": "${size}"}}]})
+    plain = to_container(cfg)
+    assert plain == {"size": 256, "crop": 256, "steps": [{"target": "a.B", "params": {"n": 256}}]}
+    assert type(plain) is dict and type(plain["steps"]) is list and type(plain["steps"][0]) is dict
+    assert to_container(cfg.steps) == [{"target": "a.B", "params": {"n": 256}}]
+    same = {"a": 1}
+    assert to_container(same) is same and to_container(None) is None and to_container([1]) == [1]
 
 
 # ---- image_grid ---------------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.config import to_container
 from ldm.data.images import ImageCaptionDataset
-from ldm.data.transforms import plain
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _cpu_count() -> int:
 
 def build_dataset(split: str, cfg: Mapping[str, Any]) -> Dataset:
     """Instantiate one split's ``{target, params, repeats}`` block, naming the split in errors."""
-    cfg = dict(plain(cfg))
+    cfg = dict(to_container(cfg))
     repeats = cfg.pop("repeats", 1)
     if not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"data.params.{split}.repeats must be an integer >= 1, got {repeats!r}")

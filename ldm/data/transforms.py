@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from ldm.config import to_container
 from ldm.util import ConfigError, get_obj_from_str
 
 # CompVis configs write PIL's integer filter codes (``interpolation: 3``); torchvision now wants the enum.
@@ -20,13 +20,6 @@ _PIL_CODES = {
     4: InterpolationMode.BOX,
     5: InterpolationMode.HAMMING,
 }
-
-
-def plain(value: Any) -> Any:
-    """OmegaConf containers -> dict/list, because torchvision checks ``isinstance(size, (list, tuple))``."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def _interpolation(target: str, value: Any) -> InterpolationMode:
@@ -53,7 +46,7 @@ class ToMinusOneOne:
 
 
 def _build_one(cfg: Any) -> Callable:
-    cfg = plain(cfg)
+    cfg = to_container(cfg)
     if not isinstance(cfg, dict) or "target" not in cfg:
         raise ConfigError(f"each image_transforms entry needs a 'target' (and optional 'params'), got {cfg!r}")
     target = cfg["target"]
@@ -69,5 +62,5 @@ def _build_one(cfg: Any) -> Callable:
 
 def build_transforms(cfgs: Iterable[Any] | None) -> Callable[[Image.Image], torch.Tensor]:
     """PIL transforms from ``cfgs`` in order, then ToTensor and [-1, 1] scaling: output is float (3, H, W)."""
-    steps = [_build_one(c) for c in plain(cfgs) or []]
+    steps = [_build_one(c) for c in to_container(cfgs) or []]
     return T.Compose([*steps, T.ToTensor(), ToMinusOneOne()])

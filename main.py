@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from ldm.util import ConfigError
+from ldm.util import ConfigError, run_cli
 
 RUN_DIR_ENV = "SD_FINETUNE_RUN_DIR"  # shared with DDP worker processes, which re-run this script
 
@@ -117,17 +117,13 @@ def run(argv: list[str]) -> int:
 
 def main() -> None:
     argv = sys.argv[1:]
-    debug = "-d" in argv or "--debug" in argv
+    if "-d" not in argv and "--debug" not in argv:
+        sys.exit(run_cli(run, argv))
     try:
         sys.exit(run(argv))
-    except ConfigError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError:
+        raise  # a mistake in the input: its traceback shows where it was found; no debugger needed
     except Exception:
-        if not debug:
-            raise
         import pdb
         import traceback
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ldm.util import ConfigError
+from ldm.util import ConfigError, run_cli
 
 SAMPLER_HELP = "ddim, plms/pndm, dpm++ (DPM-Solver++ 2M), euler, euler_a (Euler ancestral), ddpm"
 
@@ -204,10 +204,4 @@ def run(args, img2img: bool) -> list[Path]:
 
 
 def main(argv: list[str] | None, img2img: bool) -> int:
-    args = build_parser(img2img).parse_args(argv)
-    try:
-        run(args, img2img)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, build_parser(img2img).parse_args(argv), img2img)

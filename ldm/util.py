@@ -94,11 +94,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def run_cli(action: Callable[..., Any], *args: Any) -> int:
-    """A script's exit code for ``action(*args)``: 0, or 2 after one ``error:`` line when the user's input is wrong."""
+def run_cli(action: Callable[..., Any], *args: Any, errors: tuple[type[BaseException], ...] = (),
+            interrupted: str | None = None) -> int:
+    """A script's exit code for ``action(*args)``: the int it returns (0 when it returns anything else); 2 after
+    one ``error:`` line when the user's input is wrong (a ``ConfigError``, or one of the script's ``errors``);
+    with ``interrupted`` (for work that a re-run resumes), 130 after that line when Ctrl-C stops it."""
     try:
-        action(*args)
-    except ConfigError as err:
+        result = action(*args)
+    except (ConfigError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(interrupted, file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

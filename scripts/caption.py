@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python scripts/caption.py` from anywhere: import this project's ldm
 
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import run_cli  # noqa: E402
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"  # ldm.data.captioning.DEFAULT_MODEL; not imported so --help is instant
 
@@ -54,22 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from ldm.data.captioning import caption_folder
-        from ldm.data.review import write_summary
+def caption(args) -> None:
+    from ldm.data.captioning import caption_folder
+    from ldm.data.review import write_summary
 
-        result = caption_folder(args.folder, args.model, batch_size=args.batch_size, overwrite=args.overwrite,
-                                prefix=args.prefix, suffix=args.suffix, device=args.device,
-                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                                num_beams=args.num_beams, sidecars=args.sidecars, progress=not args.quiet)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; captions so far are saved, run the same command again to continue", file=sys.stderr)
-        return 130
+    result = caption_folder(args.folder, args.model, batch_size=args.batch_size, overwrite=args.overwrite,
+                            prefix=args.prefix, suffix=args.suffix, device=args.device,
+                            max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                            num_beams=args.num_beams, sidecars=args.sidecars, progress=not args.quiet)
     print(f"{result['images']} images: {result['captioned']} captioned now, {result['kept']} already had a caption")
     for name in result["empty"]:
         print(f"BLIP gave an empty caption (left for the next run): {name}")
@@ -78,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     if result["captioned"]:
         write_summary(args.folder)
         print(f"saved {args.folder}/metadata.jsonl; summary in {args.folder}/summary.txt")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(caption, build_parser().parse_args(argv),
+                   interrupted="interrupted; captions so far are saved, run the same command again to continue")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python scripts/contact_sheet.py` from anywhere: import this project's ldm
 
+from ldm.util import ConfigError, run_cli  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="contact_sheet.py", description=__doc__,
@@ -44,23 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def make_sheet(args) -> None:
     if not Path(args.folder).is_dir():
-        print(f"error: folder '{args.folder}' does not exist", file=sys.stderr)
-        return 2
+        raise ConfigError(f"folder '{args.folder}' does not exist")
     from ldm.data.review import contact_sheet, write_summary
 
-    try:  # ConfigError (a malformed metadata.jsonl) is a ValueError too: one line, not a traceback
-        _, text = write_summary(args.folder)
-        print(text)
-        out = contact_sheet(args.folder, args.out, n=args.n, columns=args.columns, thumb=args.thumb,
-                            caption_lines=args.caption_lines, font_size=args.font_size, seed=args.seed)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _, text = write_summary(args.folder)
+    print(text)
+    out = contact_sheet(args.folder, args.out, n=args.n, columns=args.columns, thumb=args.thumb,
+                        caption_lines=args.caption_lines, font_size=args.font_size, seed=args.seed)
     print(f"\nsaved {out} and {Path(args.folder) / 'summary.txt'}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # ValueError: contact_sheet's "no images in FOLDER" (and ConfigError, a malformed metadata.jsonl).
+    return run_cli(make_sheet, build_parser().parse_args(argv), errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python scripts/convert.py` from anywhere: import this project's ldm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never wait on the Hub
 
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import ConfigError, run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,34 +59,31 @@ def size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def convert(args) -> None:
     if not args.diffusers and not args.single_file:
-        print("error: nothing to write: give --diffusers DIR and/or --single-file FILE.safetensors", file=sys.stderr)
-        return 2
+        raise ConfigError("nothing to write: give --diffusers DIR and/or --single-file FILE.safetensors")
+    if args.single_file and not args.single_file.endswith(".safetensors"):
+        raise ConfigError(f"--single-file {args.single_file}: the file name must end in .safetensors")
     from ldm.weights import export_diffusers, export_single_file, prepare
 
     start = time.time()
-    try:
-        if args.single_file and not args.single_file.endswith(".safetensors"):
-            raise ConfigError(f"--single-file {args.single_file}: the file name must end in .safetensors")
-        item = prepare(args.source, ema=args.ema, config=args.config)
-        info = item.info
-        print(f"source {info['source']} ({info['kind']}), step {info['step'] or '-'}, "
-              f"{'EMA' if info['ema'] == 'true' else 'raw'} weights, {'fp16' if args.half else 'fp32'}")
-        written = []
-        if args.single_file:
-            written.append(export_single_file(item, args.single_file, half=args.half, progress=not args.quiet))
-        if args.diffusers:
-            written.append(export_diffusers(item, args.diffusers, half=args.half, progress=not args.quiet,
-                                            force=args.force))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    item = prepare(args.source, ema=args.ema, config=args.config)
+    info = item.info
+    print(f"source {info['source']} ({info['kind']}), step {info['step'] or '-'}, "
+          f"{'EMA' if info['ema'] == 'true' else 'raw'} weights, {'fp16' if args.half else 'fp32'}")
+    written = []
+    if args.single_file:
+        written.append(export_single_file(item, args.single_file, half=args.half, progress=not args.quiet))
+    if args.diffusers:
+        written.append(export_diffusers(item, args.diffusers, half=args.half, progress=not args.quiet,
+                                        force=args.force))
     for path in written:
         print(f"wrote {path} ({size(path) / 2**20:,.1f} MiB)")
     print(f"done in {time.time() - start:.1f} s")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(convert, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -41,10 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="make_tiny_sd.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (e.g. models/tiny-sd)")
-    p.add_argument("--config", default=None, metavar="YAML",
-                   help=f"config whose model section gives the architecture (default: {TINY_CONFIG.relative_to(ROOT)})")
-    p.add_argument("--full-size", action="store_true",
-                   help=f"use {FULL_CONFIG.relative_to(ROOT)}'s SD v1 architecture (4.3 GB written)")
+    architecture = p.add_mutually_exclusive_group()
+    architecture.add_argument("--config", default=None, metavar="YAML", help="config whose model section gives "
+                              f"the architecture (default: {TINY_CONFIG.relative_to(ROOT)})")
+    architecture.add_argument("--full-size", action="store_true",
+                              help=f"use {FULL_CONFIG.relative_to(ROOT)}'s SD v1 architecture (4.3 GB written)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     p.add_argument("--force", action="store_true", help="write into --out even if it already holds files")
     return p
@@ -110,10 +111,6 @@ def make_pipeline_folder(config: Path, out: Path, seed: int = 0, force: bool = F
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.full_size and args.config:
-        print("error: --full-size and --config exclude each other (--full-size means --config configs/pokemon.yaml)",
-              file=sys.stderr)
-        return 2
     config = Path(args.config) if args.config else FULL_CONFIG if args.full_size else TINY_CONFIG
     return run_cli(make_pipeline_folder, config, Path(args.out), args.seed, args.force)
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python scripts/prepare_dataset.py` from anywhere: import this project's ldm
 
 from ldm.data.prepare import RESAMPLING, Settings  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,28 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from ldm.data.prepare import prepare
-        from ldm.data.review import write_summary
+def prepare_folder(args) -> None:
+    from ldm.data.prepare import prepare
+    from ldm.data.review import write_summary
 
-        settings = Settings(size=args.size, crop=args.crop, resample=args.resample, quality=args.quality,
-                            min_size=args.min_size)
-        prepare(args.inputs, args.out, settings, workers=args.workers, sidecars=args.sidecars,
-                progress=not args.quiet)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to continue in {args.out}", file=sys.stderr)
-        return 130
+    settings = Settings(size=args.size, crop=args.crop, resample=args.resample, quality=args.quality,
+                        min_size=args.min_size)
+    prepare(args.inputs, args.out, settings, workers=args.workers, sidecars=args.sidecars, progress=not args.quiet)
     _, text = write_summary(args.out)
     print(text)
     print(f"\nsaved {args.out}/metadata.jsonl, summary.txt and summary.json. Next:\n"
           f"  python scripts/caption.py {args.out}        # BLIP captions for images without one\n"
           f"  python scripts/contact_sheet.py {args.out}  # look at images and captions before training")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(prepare_folder, args,
+                   interrupted=f"interrupted; run the same command again to continue in {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The helpers every part shares: crash-safe writes (atomic_path), plain configs (to_container) and picture grids (image_grid)."""
+"""The helpers every part shares: crash-safe writes (atomic_path), a script's exit code (run_cli), plain configs
+(to_container) and picture grids (image_grid)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from PIL import Image
 
 from ldm.config import to_container
 from ldm.outputs import image_grid
-from ldm.util import PARTIAL_GLOB, atomic_path
+from ldm.util import PARTIAL_GLOB, ConfigError, atomic_path, run_cli
 
 
 # ---- atomic_path --------------------------------------------------------------------------------------------------
@@ -44,6 +45,29 @@ def test_atomic_path_names_differ_between_writers(tmp_path):
         two.write_text("2")
         assert one != two
     assert (tmp_path / "a").read_text() == "1" and os.listdir(tmp_path) == ["a"]  # the last to finish wins
+
+
+# ---- run_cli ------------------------------------------------------------------------------------------------------
+def fail(error: BaseException):
+    raise error
+
+
+def test_run_cli_exit_codes(capsys):
+    assert run_cli(lambda: None) == 0
+    assert run_cli(lambda: [1, 2]) == 0  # what an action returns is only an exit code when it is an int
+    assert run_cli(lambda: True) == 0
+    assert run_cli(lambda code: code, 143) == 143
+    assert capsys.readouterr().err == ""
+    assert run_cli(fail, ConfigError("--ddim_steps must be at least 1")) == 2
+    assert capsys.readouterr().err == "error: --ddim_steps must be at least 1\n"
+    assert run_cli(fail, OSError("cannot decode image x.png"), errors=(OSError,)) == 2
+    assert capsys.readouterr().err == "error: cannot decode image x.png\n"
+    with pytest.raises(OSError):  # only the errors a script names are the user's
+        run_cli(fail, OSError("disk full"))
+    assert run_cli(fail, KeyboardInterrupt(), interrupted="interrupted; run it again to continue") == 130
+    assert capsys.readouterr().err == "interrupted; run it again to continue\n"
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(fail, KeyboardInterrupt())
 
 
 # ---- to_container -------------------------------------------------------------------------------------------------

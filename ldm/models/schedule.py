@@ -44,10 +44,14 @@ class NoiseSchedule:
         return self.scheduler.get_velocity(x0, noise, t)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Mean squared error, optionally Min-SNR-γ weighted (Hang et al. 2023) per sample."""
+        """Mean squared error, optionally Min-SNR-γ weighted (Hang et al. 2023) per sample, as diffusers'
+        train_text_to_image.py weights it: SNR from ``diffusers.training_utils.compute_snr``, weight
+        min(SNR, γ) / SNR for epsilon and min(SNR, γ) / (SNR + 1) for v-prediction."""
         if self.snr_gamma is None:
             return F.mse_loss(pred.float(), target.float())
+        from diffusers.training_utils import compute_snr
+
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-        snr = self.snr.to(t.device)[t]
+        snr = compute_snr(self.scheduler, t)
         weight = torch.clamp(snr, max=self.snr_gamma) / (snr + 1 if self.prediction_type == "v_prediction" else snr)
         return (per_sample * weight).mean()

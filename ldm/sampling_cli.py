@@ -1,5 +1,5 @@
 """The command lines of scripts/txt2img.py and scripts/img2img.py (CompVis's flags plus a few), and the flags
-the guidance sweep and GIF scripts share with them.
+the guidance sweep, GIF and image-variations scripts share with them.
 
 Seeds: batch ``k`` (counting over ``--n_iter`` and the batches of a ``--from-file``) is drawn from
 ``torch.Generator("cpu").manual_seed(seed + k)``, which draws its whole ``(n_samples, 4, h, w)`` start noise at
@@ -18,27 +18,39 @@ from ldm.util import ConfigError, run_cli
 SAMPLER_HELP = "ddim, plms/pndm, dpm++ (DPM-Solver++ 2M), euler, euler_a (Euler ancestral), ddpm"
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """Which weights to sample with and where: ``--ckpt``, ``--config``, ``--device``, ``--no_ema``."""
     p.add_argument("--ckpt", default=None,
                    help="a run dir, training .ckpt, diffusers folder or single .ckpt/.safetensors")
     p.add_argument("--config", default=None, help="model YAML (or diffusers folder) for a single file without one")
-    p.add_argument("--precision", default=None, help="auto (fp16 on CUDA, fp32 elsewhere; CompVis's 'autocast'), "
-                   "full/fp32, fp16, bf16 (default: auto)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:1, mps, cpu")
     p.add_argument("--no_ema", action="store_true", help="sample with the raw weights, not the EMA copy")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``add_weights_args``, plus ``--precision`` and a LoRA adapter (``--lora``, ``--lora_scale``)."""
+    add_weights_args(p)
+    p.add_argument("--precision", default=None, help="auto (fp16 on CUDA, fp32 elsewhere; CompVis's 'autocast'), "
+                   "full/fp32, fp16, bf16 (default: auto)")
     p.add_argument("--lora", default=None, metavar="FILE",
                    help="a LoRA adapter (.safetensors in diffusers' format, e.g. <run>/lora/pytorch_lora_weights.safetensors)")
     p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the --lora adapter (default: 1.0)")
 
 
-def add_sampler_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:
-    p.add_argument("--negative_prompt", default="", help="what guidance steers away from (default: '')")
+def add_steps_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:
+    """How to sample: ``--sampler`` (or ``--plms``), ``--ddim_steps``, ``--ddim_eta``, ``--scale``."""
     p.add_argument("--sampler", default="ddim", help=f"{SAMPLER_HELP} (default: ddim)")
     p.add_argument("--plms", action="store_true", help="same as --sampler plms")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps, for any sampler (default: 50)")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta; 0 = deterministic (default: 0)")
     p.add_argument("--scale", type=float, default=scale,
                    help=f"guidance scale; <= 1 turns guidance off (default: {scale})")
+
+
+def add_sampler_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:
+    """``add_steps_args`` for text prompts: with ``--negative_prompt`` and the image size ``--H``/``--W``."""
+    p.add_argument("--negative_prompt", default="", help="what guidance steers away from (default: '')")
+    add_steps_args(p, scale)
     p.add_argument("--H", type=int, default=None, help="image height, a multiple of 8 (default: the model's size)")
     p.add_argument("--W", type=int, default=None, help="image width, a multiple of 8 (default: the model's size)")
 
@@ -69,9 +81,8 @@ def build_parser(img2img: bool) -> argparse.ArgumentParser:
     return p
 
 
-def check_sampler_args(args) -> None:
-    """The one-line refusals that need no model."""
-    from ldm.outputs import check_size
+def check_steps_args(args) -> None:
+    """``add_steps_args``' one-line refusals (``--plms`` becomes ``--sampler plms``)."""
     from ldm.sampling import SAMPLERS
 
     if args.plms:
@@ -80,6 +91,13 @@ def check_sampler_args(args) -> None:
         raise ConfigError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if args.ddim_steps < 1:
         raise ConfigError(f"--ddim_steps must be at least 1, got {args.ddim_steps}")
+
+
+def check_sampler_args(args) -> None:
+    """The one-line refusals that need no model."""
+    from ldm.outputs import check_size
+
+    check_steps_args(args)
     check_size(args.H, args.W)
     if args.ckpt is None:
         raise ConfigError("give the model to sample with: --ckpt RUN_DIR|CKPT|DIFFUSERS_FOLDER")

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Sample variations of input images with an image-variations model (CLIP image embedding as the condition).
 
-WEIGHTS is anything ``ldm.weights.load_model`` reads: a run dir (its checkpoints/last.ckpt), a training
+--ckpt is anything ``ldm.weights.load_model`` reads: a run dir (its checkpoints/last.ckpt), a training
 checkpoint, or a diffusers image-variations folder (unet/ vae/ image_encoder/ ...). The image encoder's
 preprocessing (resize filter, antialias, mean/std) comes from the weights' stored config, so inputs are embedded
-exactly as training embedded its images.
+exactly as training embedded its images. The flags are those of txt2img.py and img2img.py.
 
-  python scripts/variations.py logs/<run> photo.jpg other.png -n 4 --scale 3 --seed 0 --steps 50 --sampler ddim
+  python scripts/variations.py --ckpt logs/<run> photo.jpg other.png -n 4 --scale 3 --seed 0 --ddim_steps 50
+
+The script's earlier spellings still work: the weights as the first argument instead of --ckpt
+(``variations.py logs/<run> photo.jpg``), --steps, --eta and --no-ema.
 
 For each input, ``<outdir>/<stem>-variations.png`` is a row with the input first and its N variations after it,
 and ``<outdir>/<stem>-NN.png`` each variation alone. Variation i uses seed ``seed + i``, so any one of them can
@@ -27,7 +30,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ldm.util import ConfigError  # noqa: E402
+from ldm.outputs import image_grid  # noqa: E402
+from ldm.sampling_cli import add_steps_args, add_weights_args, check_steps_args  # noqa: E402
+from ldm.util import ConfigError, run_cli  # noqa: E402
 
 
 def load_image(path: str | Path, channels: int = 3) -> torch.Tensor:
@@ -51,43 +56,58 @@ def make_variations(model, image: torch.Tensor, n: int = 4, seed: int = 0, guida
 
 def grid_row(image: torch.Tensor, variations: torch.Tensor) -> Image.Image:
     """The input (resized and centre-cropped to the variations' size) followed by the variations, in one row."""
-    import torchvision
-
     h, w = variations.shape[-2:]
     scale = max(h / image.shape[-2], w / image.shape[-1])
     x = F.interpolate(image.float(), scale_factor=scale, mode="bicubic", antialias=True, align_corners=False)
     top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    x = x[..., top:top + h, left:left + w].clamp(-1, 1)
-    grid = torchvision.utils.make_grid(torch.cat([x.cpu(), variations.float().cpu()]), nrow=len(variations) + 1,
-                                       padding=2, pad_value=1.0)
-    return Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    x = x[..., top:top + h, left:left + w]
+    return image_grid(torch.cat([x.cpu(), variations.float().cpu()]), nrow=len(variations) + 1)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("weights", help="run dir, training .ckpt or diffusers image-variations folder")
-    p.add_argument("images", nargs="+", help="input image files")
-    p.add_argument("-n", "--n", type=int, default=4, help="variations per input (default 4)")
-    p.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="variation i uses seed + i (default 0)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", help="ddim, plms, pndm, dpm++, euler, euler_a, ddpm")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="variations.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE",
+                   help="input image files (without --ckpt, the weights come first: the earlier spelling)")
+    p.add_argument("-n", "--n", type=int, default=4, help="variations per input (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="variation i uses seed + i (default: 0)")
     p.add_argument("--size", type=int, default=None, help="output side in pixels (default: the model's)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--config", default=None, help="model config for weights that carry none")
-    p.add_argument("--no-ema", action="store_true", help="raw UNet weights instead of EMA")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("-o", "--outdir", default="outputs/variations")
-    return p.parse_args(argv)
+    p.add_argument("-o", "--outdir", default="outputs/variations",
+                   help="writes <stem>-variations.png and <stem>-NN.png (default: outputs/variations)")
+    add_weights_args(p)
+    add_steps_args(p, scale=3.0)
+    # Hidden defaults: the flags above own them, these only store a value when given.
+    old = p.add_argument_group("earlier spellings, still accepted")
+    old.add_argument("--steps", dest="ddim_steps", type=int, metavar="N", default=argparse.SUPPRESS,
+                     help="same as --ddim_steps")
+    old.add_argument("--eta", dest="ddim_eta", type=float, metavar="ETA", default=argparse.SUPPRESS,
+                     help="same as --ddim_eta")
+    old.add_argument("--no-ema", dest="no_ema", action="store_true", default=argparse.SUPPRESS, help="same as --no_ema")
+    return p
+
+
+def weights_and_images(args) -> tuple[str, list[str]]:
+    """``--ckpt`` and the positional images, or (the earlier spelling) the first positional as the weights."""
+    if args.ckpt is not None:
+        return args.ckpt, args.inputs
+    if len(args.inputs) < 2:
+        raise ConfigError("give the model to sample with and then the images: --ckpt RUN_DIR|CKPT|DIFFUSERS_FOLDER "
+                          "IMAGE [IMAGE ...]")
+    return args.inputs[0], args.inputs[1:]
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     from ldm.data.images import BadImage
+    from ldm.inference import pick_device
     from ldm.weights import load_model
 
-    try:
-        model = load_model(args.weights, config=args.config, ema=not args.no_ema, device=args.device, verbose=True)
+    args = build_parser().parse_args(argv)
+
+    def work() -> None:
+        args.weights, args.images = weights_and_images(args)
+        check_steps_args(args)
+        device = pick_device(args.device)
+        model = load_model(args.weights, config=args.config, ema=not args.no_ema, device=device, verbose=True)
         if not hasattr(model.cond_stage_model, "preprocess"):
             raise ConfigError(f"{args.weights!r} is not an image-variations model (its conditioner is "
                               f"{type(model.cond_stage_model).__name__}); use a text-to-image script")
@@ -96,8 +116,8 @@ def main(argv=None) -> int:
         outdir.mkdir(parents=True, exist_ok=True)
         for path in args.images:
             image = load_image(path, channels)
-            out = make_variations(model, image, args.n, args.seed, args.scale, args.steps, args.sampler, args.size,
-                                  args.eta)
+            out = make_variations(model, image, args.n, args.seed, args.scale, args.ddim_steps, args.sampler,
+                                  args.size, args.ddim_eta)
             stem = Path(path).stem
             grid_row(image, out).save(outdir / f"{stem}-variations.png")
             for i, v in enumerate(out):
@@ -105,10 +125,8 @@ def main(argv=None) -> int:
                 Image.fromarray(pixels.numpy()).save(outdir / f"{stem}-{i:02}.png")
             print(f"{path}: {args.n} variations (seeds {args.seed}..{args.seed + args.n - 1}) -> "
                   f"{outdir / f'{stem}-variations.png'}")
-    except (ConfigError, BadImage) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(work, errors=(BadImage,))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writes <stem>-variations.png and <stem>-NN.png (default: outputs/variations)")
     add_weights_args(p)
     add_steps_args(p, scale=3.0)
-    # Hidden defaults: the flags above own them, these only store a value when given.
+    # No defaults of their own (SUPPRESS): the flags above set those; these only store what is given.
     old = p.add_argument_group("earlier spellings, still accepted")
     old.add_argument("--steps", dest="ddim_steps", type=int, metavar="N", default=argparse.SUPPRESS,
                      help="same as --ddim_steps")

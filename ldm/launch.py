@@ -52,6 +52,9 @@ def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: di
                   # Run dirs are unique, so an existing last.ckpt is this run's own (resumed): overwrite, never last-v1.
                   "enable_version_counter": False}
     checkpoint.update((lightning_config.get("modelcheckpoint") or {}).get("params") or {})
+    if checkpoint.get("save_top_k", -1) not in (-1, 0) and not checkpoint.get("monitor"):
+        # CompVis's model.params.monitor names the metric "best" means when the checkpoint config keeps the top k.
+        checkpoint["monitor"] = to_container((config.get("model") or {}).get("params") or {}).get("monitor", "val/loss")
     params = {
         "setup_callback": {"logdir": str(logdir), "now": now, "config": config, "lightning_config": lightning_config,
                            "resume": resume},
@@ -67,7 +70,11 @@ def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: di
 
 def build_callbacks(lightning_config: dict, defaults: dict) -> list:
     """Config ``lightning.callbacks.<name>`` blocks update the defaults of the same name or add new ones."""
-    merged = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(lightning_config.get("callbacks") or {}))
+    given = lightning_config.get("callbacks") or {}
+    if "checkpoint" in given:
+        raise ConfigError("lightning.callbacks.checkpoint: the checkpoint callback is configured in one place, "
+                          "lightning.modelcheckpoint.params (CompVis's key)")
+    merged = OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(given))
     return [instantiate_from_config(block) for block in to_container(merged).values() if block]
 
 

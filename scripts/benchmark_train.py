@@ -161,8 +161,9 @@ def plain_step(args, device: torch.device, model) -> Callable[[dict], tuple[floa
     p = model.hparams
     if p.snr_gamma is not None or model.cond_stage_model.layer != "last":
         raise SystemExit("the plain loop implements snr_gamma=None and the last text-encoder layer only")
-    unet, vae = model.unet.to(device), model.first_stage_model.vae.to(device)
-    text_encoder, tokenizer = model.cond_stage_model.transformer.to(device), model.cond_stage_model.tokenizer
+    modules = {row.diffusers: row.module for row in model.weight_components()}
+    unet, vae, text_encoder = (modules[name].to(device) for name in ("unet", "vae", "text_encoder"))
+    tokenizer = model.cond_stage_model.tokenizer
     scale, ucg_rate = model.first_stage_model.scale_factor, model.cond_stage_model.ucg_rate
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(False).eval()

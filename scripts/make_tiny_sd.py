@@ -16,7 +16,7 @@ So ``model.params.pretrained=<out>`` with that config loads the folder back, and
 ``StableDiffusionPipeline.from_pretrained(<out>)`` loads it too. The tokenizer is OpenAI CLIP's, rebuilt
 offline (ldm/models/tokenizer.py); the scheduler is PNDM with SD v1's published settings.
 
-``--full-size`` uses configs/pokemon.yaml's model section instead: real SD v1 shapes (about 1.07 billion
+``--full-size`` uses configs/architectures/sd-v1.yaml instead: real SD v1 shapes (about 1.07 billion
 parameters, 4.3 GB on disk), random weights.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never 
 from ldm.util import ConfigError, run_cli  # noqa: E402
 
 TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-sd.yaml"
-FULL_CONFIG = ROOT / "configs" / "pokemon.yaml"
+FULL_CONFIG = ROOT / "configs" / "architectures" / "sd-v1.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +70,9 @@ def model_config(path: Path) -> dict:
 def make_pipeline_folder(config: Path, out: Path, seed: int = 0, force: bool = False) -> Path:
     """Build ``config``'s LatentDiffusion with random weights and save it as a StableDiffusionPipeline folder."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from ldm.models.first_stage import AutoencoderKLFirstStage
     from ldm.models.tokenizer import write_clip_vocab
-    from ldm.sampling import make_scheduler
     from ldm.util import instantiate_from_config
 
     if out.exists() and any(out.iterdir()) and not force:
@@ -85,17 +83,21 @@ def make_pipeline_folder(config: Path, out: Path, seed: int = 0, force: bool = F
     torch.manual_seed(seed)
     model = instantiate_from_config(cfg)
     print(f"  {model.summary()} ({time.time() - start:.1f} s)")
-    if not isinstance(model.first_stage_model, AutoencoderKLFirstStage):
-        raise ConfigError("a StableDiffusionPipeline needs the AutoencoderKL first stage "
-                          f"(ldm.models.first_stage.AutoencoderKLFirstStage), not {type(model.first_stage_model).__name__}")
-    first_stage = model.first_stage_model
+    if not model.first_stage_model.has_vae or model.cond_stage_model.kind != "text":
+        raise ConfigError("a StableDiffusionPipeline needs a VAE first stage and a text conditioner, not "
+                          f"{type(model.first_stage_model).__name__} and {type(model.cond_stage_model).__name__}")
+    modules = {row.diffusers: row.module for row in model.weight_components()}
     # The pipeline reads the latent scale from the VAE config; keep it equal to the YAML's scale_factor.
-    first_stage.vae.register_to_config(scaling_factor=first_stage.scale_factor)
-    conditioner = model.cond_stage_model
+    modules["vae"].register_to_config(scaling_factor=model.first_stage_model.scale_factor)
+    # Built and saved by diffusers itself, so the folder is what diffusers writes (its scheduler_config.json keeps
+    # PNDM's own keys only: no clip_sample, timestep_spacing "leading"), a reference independent of our export.
     pipe = StableDiffusionPipeline(
-        vae=first_stage.vae, text_encoder=conditioner.transformer, tokenizer=conditioner.tokenizer, unet=model.unet,
-        # SD v1 ships PNDM (PLMS) with its schedule: steps_offset 1, set_alpha_to_one false, skip_prk_steps.
-        scheduler=make_scheduler("pndm", model.schedule.scheduler_config()),
+        vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=model.cond_stage_model.tokenizer,
+        unet=model.unet,
+        # SD v1 ships PNDM (PLMS) with its schedule: steps_offset 1, set_alpha_to_one false, skip_prk_steps. Built
+        # from PNDM's own keys, as diffusers writes such a folder: no clip_sample, so DDIM swapped in clips (True).
+        scheduler=PNDMScheduler(**model.schedule.scheduler_config(), steps_offset=1, set_alpha_to_one=False,
+                                skip_prk_steps=True),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     print(f"writing {out} ...", flush=True)
     pipe.save_pretrained(str(out), safe_serialization=True)

@@ -108,10 +108,10 @@ def main(argv=None) -> int:
         check_steps_args(args)
         device = pick_device(args.device)
         model = load_model(args.weights, config=args.config, ema=not args.no_ema, device=device, verbose=True)
-        if not hasattr(model.cond_stage_model, "preprocess"):
+        if model.cond_stage_model.kind != "image":
             raise ConfigError(f"{args.weights!r} is not an image-variations model (its conditioner is "
                               f"{type(model.cond_stage_model).__name__}); use a text-to-image script")
-        channels = int(model.cond_stage_model.encoder.config.num_channels)
+        channels = model.cond_stage_model.input_channels()
         outdir = Path(args.outdir)
         outdir.mkdir(parents=True, exist_ok=True)
         for path in args.images:

@@ -29,10 +29,6 @@ DTYPES = {"I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "I32":
           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 _WRITE_RANK = {name: i for i, name in enumerate(DTYPES)}
-# Where each diffusers pipeline component lives inside this project's LatentDiffusion state dict.
-# A folder holds text_encoder/ (text-to-image) or image_encoder/ (image variations), never both.
-DIFFUSERS_COMPONENTS = {"unet": "unet.", "vae": "first_stage_model.vae.", "text_encoder": "cond_stage_model.transformer.",
-                        "image_encoder": "cond_stage_model.encoder."}
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -163,8 +159,13 @@ def read_diffusers_folder(folder: Path) -> dict[str, torch.Tensor]:
     config = folder / "config.json"
     if config.exists() and json.loads(config.read_text()).get("_class_name") == "UNet2DConditionModel":
         return {"unet." + k: v for k, v in _read_component(_component_files(folder)).items()}
+    from ldm.models.parts import diffusers_prefixes
+
+    # Each pipeline component goes where the model part that holds it declares (a folder holds text_encoder/
+    # for text-to-image or image_encoder/ for image variations, never both).
+    components = diffusers_prefixes()
     state = {}
-    for component, prefix in DIFFUSERS_COMPONENTS.items():
+    for component, prefix in components.items():
         for key, value in _read_component(_component_files(folder / component)).items():
             # transformers < 5 saved the CLIP text encoder under ``text_model.``; 5.x does not.
             key = key.removeprefix("text_model.") if component == "text_encoder" else key
@@ -172,5 +173,5 @@ def read_diffusers_folder(folder: Path) -> dict[str, torch.Tensor]:
     if not state:
         found = sorted(p.name for p in folder.iterdir())[:10]
         raise ConfigError(f"{str(folder)!r} is not a diffusers pipeline folder: expected weights in "
-                          f"{'/, '.join(DIFFUSERS_COMPONENTS)}/ (or a unet config.json), found {found}")
+                          f"{'/, '.join(components)}/ (or a unet config.json), found {found}")
     return state

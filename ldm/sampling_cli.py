@@ -45,6 +45,24 @@ def add_steps_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta; 0 = deterministic (default: 0)")
     p.add_argument("--scale", type=float, default=scale,
                    help=f"guidance scale; <= 1 turns guidance off (default: {scale})")
+    p.add_argument("--sampler_config", nargs="+", default=[], type=sampler_setting, metavar="KEY=VALUE",
+                   help="diffusers scheduler settings over the model's own (model.params.sampler_config), e.g. "
+                        "clip_sample=true timestep_spacing=trailing rescale_betas_zero_snr=true")
+
+
+def sampler_setting(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a YAML value (true, 1, 0.5, trailing)."""
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE (e.g. clip_sample=true)")
+    return key, yaml.safe_load(value)
+
+
+def apply_sampler_config(model, args) -> None:
+    """``--sampler_config`` over the model's recorded settings, for every sampler the script builds."""
+    model.sampler_config = {**model.sampler_config, **dict(getattr(args, "sampler_config", None) or [])}
 
 
 def add_sampler_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:
@@ -122,6 +140,7 @@ def apply_png(args, img2img: bool) -> int:
     args.ckpt, args.config = args.ckpt or meta["model"], args.config or meta.get("config")
     args.precision, args.no_ema = args.precision or meta["precision"], not meta["ema"]
     args.lora, args.lora_scale = args.lora or meta.get("lora"), meta.get("lora_scale", args.lora_scale)
+    args.sampler_config = list((meta.get("sampler_config") or {}).items()) or args.sampler_config
     if img2img:
         args.strength = meta["strength"]
         if args.init_img is None:
@@ -144,6 +163,8 @@ def sample_settings(args, kind: str, height: int, width: int, dtype, device) -> 
         settings["config"] = str(Path(args.config).resolve())
     if args.lora:
         settings.update(lora=str(Path(args.lora).resolve()), lora_scale=args.lora_scale)
+    if args.sampler_config:
+        settings["sampler_config"] = dict(args.sampler_config)
     return settings
 
 
@@ -169,6 +190,7 @@ def run(args, img2img: bool) -> list[Path]:
     dtype = inference.pick_dtype(args.precision or "auto", device)
     model = inference.load(args.ckpt, args.config, device, dtype, ema=not args.no_ema, lora=args.lora,
                            lora_scale=args.lora_scale)
+    apply_sampler_config(model, args)
     if img2img:
         width, height = init.size
         init_x = outputs.image_to_tensor(init, inference.image_channels(model))

@@ -38,7 +38,7 @@ def sweep(args) -> Path:
     from tqdm.auto import tqdm
 
     from ldm import inference, outputs
-    from ldm.sampling_cli import check_sampler_args, sample_settings
+    from ldm.sampling_cli import apply_sampler_config, check_sampler_args, sample_settings
 
     check_sampler_args(args)
     if args.scale is not None:
@@ -47,6 +47,7 @@ def sweep(args) -> Path:
     dtype = inference.pick_dtype(args.precision or "auto", device)
     model = inference.load(args.ckpt, args.config, device, dtype, ema=not args.no_ema, lora=args.lora,
                            lora_scale=args.lora_scale)
+    apply_sampler_config(model, args)
     height, width = args.H or model.default_image_size(), args.W or model.default_image_size()
     inference.warn(inference.truncation_warnings(model, [args.prompt]))
     outdir = Path(args.outdir)

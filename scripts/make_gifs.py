@@ -57,7 +57,7 @@ def denoise_gif(args) -> Path:
 
     from ldm import inference, outputs
     from ldm.sampling import make_scheduler
-    from ldm.sampling_cli import check_sampler_args
+    from ldm.sampling_cli import apply_sampler_config, check_sampler_args
 
     check_sampler_args(args)
     if args.every < 1:
@@ -65,9 +65,10 @@ def denoise_gif(args) -> Path:
     device = inference.pick_device(args.device)
     model = inference.load(args.ckpt, args.config, device, inference.pick_dtype(args.precision or "auto", device),
                            ema=not args.no_ema, lora=args.lora, lora_scale=args.lora_scale)
+    apply_sampler_config(model, args)
     height, width = args.H or model.default_image_size(), args.W or model.default_image_size()
     inference.warn(inference.truncation_warnings(model, [args.prompt]))
-    scheduler = make_scheduler(args.sampler, model.schedule.scheduler_config())
+    scheduler = make_scheduler(args.sampler, model.sampler_config)
     frames, bar = [], tqdm(total=args.ddim_steps, unit="step", desc="denoise")
 
     def on_step(i, t, latents):
@@ -106,7 +107,7 @@ def checkpoint_gifs(args) -> list[Path]:
     from tqdm.auto import tqdm
 
     from ldm import inference, outputs
-    from ldm.sampling_cli import check_sampler_args
+    from ldm.sampling_cli import apply_sampler_config, check_sampler_args
     from ldm.weights.load import load_weights
 
     run_dir = Path(args.run_dir)
@@ -124,6 +125,7 @@ def checkpoint_gifs(args) -> list[Path]:
     for path, step, epoch in tqdm(ckpts, unit="ckpt", desc="checkpoints"):
         if model is None:
             model = inference.load(str(path), None, device, dtype, ema=not args.no_ema)
+            apply_sampler_config(model, args)
             height, width = args.H or model.default_image_size(), args.W or model.default_image_size()
             inference.warn(inference.truncation_warnings(model, prompts))
         else:  # same run, same architecture: swap the weights in rather than rebuilding the model

@@ -413,3 +413,21 @@ def test_benchmark_prints_both_timings_and_the_ratio(folder, capsys):
     out = capsys.readouterr().out
     assert "this project:" in out and "diffusers:" in out and "ratio" in out
     assert "maximum absolute difference 0/255" in out
+
+
+def test_sampler_config_on_the_command_line_changes_the_sampler_and_redraws(folder, pipes, tmp_path):
+    """--sampler_config clip_sample=false overrides the folder's (diffusers' DDIM default True) and is recorded in the
+    PNG, so --from-png draws the same image; diffusers with the same setting draws it too."""
+    out = tmp_path / "o"
+    args = ["--ckpt", folder, "--prompt", "a cat", "--n_samples", 1, "--n_iter", 1, "--seed", 3, "--ddim_steps", STEPS,
+            "--scale", SCALE, "--outdir", out, "--skip_grid"]
+    assert cli([*args, "--sampler_config", "clip_sample=false"]) == 0
+    assert cli([*args, "--outdir", tmp_path / "clipped"]) == 0
+    unclipped, clipped = png(out / "samples" / "00000.png"), png(tmp_path / "clipped" / "samples" / "00000.png")
+    pipe = pipes[0]
+    pipe.scheduler = DDIMScheduler.from_config(pipe.folder_scheduler.config, clip_sample=False)
+    theirs = pipe(["a cat"], height=16, width=16, num_inference_steps=STEPS, guidance_scale=SCALE,
+                  generator=gen(3)).images[0]
+    assert maxdiff(unclipped, theirs) <= 1 and mad(unclipped, clipped) > 1.0
+    assert cli(["--from-png", out / "samples" / "00000.png", "--outdir", tmp_path / "again"]) == 0
+    assert maxdiff(png(tmp_path / "again" / "samples" / "00000.png"), unclipped) == 0

@@ -1,7 +1,8 @@
 """DreamBooth end to end on a base model that follows its prompts: the digits demo model learns "sks digit 3"
 (a 3 in dark ink on white paper, which it has never drawn) from five photos, full fine-tune and LoRA, through
 main.py with configs/demo/digits-dreambooth.yaml exactly as the README runs it (the base is trained for fewer
-steps here: 400 instead of 800, about 85% prompt-following)."""
+steps here: the 400-step run of tests/digits_demo_run.py that tests/test_demo.py checks, about 90%
+prompt-following). Stand-in models show that the score's copying figures catch a model that memorised the photos."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import torch
 
 from ldm.callbacks.digit_eval import DigitClassifier
 from tests.conftest import REPO, main_py, run_dirs
+from tests.digits_demo_run import digits_demo_run
 
 DEMO = REPO / "configs" / "demo"
 FIGURE = re.compile(r"'a handwritten sks digit 3'\s+samples: ([\d.]+) from the instance images")
@@ -20,13 +22,7 @@ FIGURE = re.compile(r"'a handwritten sks digit 3'\s+samples: ([\d.]+) from the i
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits-base")
-    proc = main_py("-t", "--no-test", "--base", DEMO / "digits.yaml", "-l", root, "-n", "base",
-                   "lightning.trainer.max_steps=400", "lightning.trainer.check_val_every_n_epoch=100",
-                   "lightning.callbacks.digit_score.params.n_per_class=2", timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    (run,) = run_dirs(root)
-    return run
+    return digits_demo_run(tmp_path_factory).run
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +57,47 @@ def class_prompt_samples(run: Path, n: int = 20) -> torch.Tensor:
 
     model = load(run)
     return model.generate(["a handwritten digit 3"] * n, list(range(500, 500 + n)), steps=25, guidance_scale=3.0)
+
+
+class StandIn:
+    """A stand-in model for DreamBoothScore whose instance-prompt samples are ``images`` (cycled), class-prompt
+    samples the dataset's class images."""
+
+    def __init__(self, images: torch.Tensor, classes: torch.Tensor | None = None):
+        self.images, self.classes = images, classes
+
+    def generate(self, prompts, seeds, size, **kwargs):
+        source = self.images if "sks" in prompts[0] else self.classes
+        return torch.stack([source[i % len(source)] for i in range(len(seeds))])
+
+
+def test_dreambooth_copying_figures_catch_memorised_photos(tmp_path):
+    """Memorising the five photos gives the best closeness (0 from the photos); the copying figures give it away:
+    a photo sits well away from the nearest other photo, and one photo repeated has no diversity. New scans of
+    the subject (other 3s in the same ink, never seen) land near the photos' own figures."""
+    from ldm.callbacks.dreambooth_eval import DreamBoothScore
+    from ldm.data.digits import split_digits, to_model_range, write_digit_subject
+    from ldm.data.dreambooth import DreamBoothDataset
+
+    write_digit_subject(tmp_path / "sks")
+    dataset = DreamBoothDataset(str(tmp_path / "sks"), "a handwritten sks digit 3", with_prior_preservation=False)
+    photos = torch.stack([dataset.instance[i]["image"] for i in range(len(dataset.instance))])
+    images, labels = split_digits("val")
+    new_scans = -to_model_range(images[labels == 3]).expand(-1, photos.shape[1], -1, -1)  # ink on paper
+    score = DreamBoothScore(n=10, thumb=8)
+    memorised, _ = score.score(StandIn(photos), dataset)
+    one_photo, _ = score.score(StandIn(photos[:1]), dataset)
+    learned, _ = score.score(StandIn(new_scans), dataset)
+    print({name: {k: round(v, 3) for k, v in r.items() if isinstance(v, float)}
+           for name, r in (("memorised", memorised), ("one photo", one_photo), ("new scans", learned))})
+    nearest_other, spread = memorised["instance_images_nearest_other"], memorised["instance_images_diversity"]
+    assert nearest_other > 0.3 and spread > 0.3
+    assert memorised["instance_prompt_to_instance_images"] < 1e-6  # the closeness figure's best ...
+    assert one_photo["instance_prompt_to_instance_images"] < 1e-6 and one_photo["instance_prompt_diversity"] < 1e-6
+    assert learned["instance_prompt_to_instance_images"] > 0.7 * nearest_other  # ... not reached by new scans
+    assert learned["instance_prompt_diversity"] > 0.7 * spread
+    figure = score.figure(memorised)
+    assert f"an instance image is {nearest_other:.3f} from the nearest other one" in figure, figure
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

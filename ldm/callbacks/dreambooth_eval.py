@@ -6,6 +6,12 @@ distance from each sample to its nearest photo, averaged (0 = identical, 2 = opp
 Learned means the instance-prompt samples sit closer to the instance photos than the class-prompt samples do;
 no drift means the class-prompt samples still sit closer to the class images than to the subject.
 
+Both are at their best when the model memorises the photos, so copying figures go beside them: how much the
+samples of one prompt differ from each other (one image repeated: 0) against how much the photos differ from each
+other, and how far a photo sits from the nearest *other* photo, which is where a new picture of the subject
+would fall: samples much nearer than that to a photo are copies of it. The same two figures are given for the
+class prompt against the class images.
+
 Pixel distance only sees layout, tone and colour. It is the whole story for the digits demo
 (configs/demo/digits-dreambooth.yaml) and a rough one for photos, where the grids of
 ``ldm.callbacks.dreambooth.DreamBoothSamples`` are what to look at.
@@ -17,25 +23,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.callbacks.digit_eval import _num, diversity, leave_one_out_distance, nearest_distance, thumbnails
 from ldm.callbacks.dreambooth import dreambooth_datasets
 from ldm.callbacks.image_logger import MIN_TILE
 from ldm.outputs import image_grid
-
-
-def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(N,C,H,W) in [-1, 1] → (N, size*size) gray, area-averaged (never enlarged)."""
-    x = images.detach().float().cpu().mean(dim=1, keepdim=True)
-    side = min(size, x.shape[-1])
-    return F.adaptive_avg_pool2d(x, side).flatten(1)
-
-
-def nearest_distance(samples: torch.Tensor, references: torch.Tensor) -> float:
-    """Mean over samples of the RMS distance to the nearest reference (both flattened thumbnails)."""
-    d = torch.cdist(samples, references) / samples.shape[1] ** 0.5
-    return float(d.min(dim=1).values.mean())
 
 
 class DreamBoothScore(pl.Callback):
@@ -71,8 +64,13 @@ class DreamBoothScore(pl.Callback):
         result = {"instance_prompt": dataset.instance_prompt, "class_prompt": dataset.class_prompt or None,
                   "samples_per_prompt": self.n, "thumbnail": min(self.thumb, size[-1])}
         for which, images in samples.items():
+            thumbs = thumbnails(images, self.thumb)
             for ref, ref_thumbs in refs.items():
-                result[f"{which}_prompt_to_{ref}_images"] = nearest_distance(thumbnails(images, self.thumb), ref_thumbs)
+                result[f"{which}_prompt_to_{ref}_images"] = nearest_distance(thumbs, ref_thumbs)
+            result[f"{which}_prompt_diversity"] = diversity(thumbs)
+        for ref, ref_thumbs in refs.items():  # what real pictures of the subject (or class) look like to these figures
+            result[f"{ref}_images_diversity"] = diversity(ref_thumbs)
+            result[f"{ref}_images_nearest_other"] = leave_one_out_distance(ref_thumbs)
         # One picture: the photos, then the instance-prompt samples, then the class-prompt samples.
         photos = instance[: self.n].to(samples["instance"].device)
         if photos.shape[1] != samples["instance"].shape[1]:
@@ -88,6 +86,15 @@ class DreamBoothScore(pl.Callback):
             parts = [f"{r[f'{which}_prompt_to_{ref}_images']:.3f} from the {ref} images"
                      for ref in ("instance", "class") if f"{which}_prompt_to_{ref}_images" in r]
             lines.append(f"  {r[f'{which}_prompt']!r:<32} samples: " + ", ".join(parts))
+        lines.append("learning or copying (samples much nearer to an image than the images are to each other are "
+                     "copies):")
+        for which in ("instance", "class") if r["class_prompt"] else ("instance",):
+            if f"{which}_images_diversity" not in r:
+                continue
+            lines.append(f"  {r[f'{which}_prompt']!r:<32} samples differ from each other by "
+                         f"{_num(r[f'{which}_prompt_diversity'])} (the {which} images: "
+                         f"{_num(r[f'{which}_images_diversity'])}); {'an' if which == 'instance' else 'a'} {which} "
+                         f"image is {_num(r[f'{which}_images_nearest_other'])} from the nearest other one")
         return "\n".join(lines)
 
     @rank_zero_only

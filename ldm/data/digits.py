@@ -7,6 +7,7 @@ classifier that scores samples and the diffusion model never see the validation 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,57 @@ def split_digits(split: str, val_fraction: float = 0.1, seed: int = 0) -> tuple[
     return images[keep], labels[keep]
 
 
+@dataclass(frozen=True)
+class DigitsSplit:
+    """The partition of load_digits into training and held-out digits (:func:`split_digits` with these
+    settings). :class:`DigitsDataset` takes its digits from one, and the demo scorers
+    (``ldm.callbacks.digit_eval``) take theirs from the DataModule's (:func:`scoring_split`), so the digits a
+    scorer holds out are exactly the ones the model never trained on."""
+
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def digits(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        return split_digits(split, self.val_fraction, self.seed)
+
+    def train(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.digits("train")
+
+    def heldout(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.digits("val")
+
+
+def datamodule_digits(datamodule) -> dict[str, "DigitsDataset"]:
+    """``{split name: DigitsDataset}`` for the DataModule's splits that are digits (``repeats`` unwrapped)."""
+    found = {}
+    for name, dataset in (getattr(datamodule, "datasets", None) or {}).items():
+        while not isinstance(dataset, DigitsDataset) and hasattr(dataset, "dataset"):  # Repeated and the like
+            dataset = dataset.dataset
+        if isinstance(dataset, DigitsDataset):
+            found[name] = dataset
+    return found
+
+
+def scoring_split(datamodule) -> DigitsSplit | None:
+    """The split a scorer must hold out to judge a model trained on ``datamodule``: that of its DigitsDatasets,
+    or None when it has none (e.g. DreamBooth on the digits model, whose base trained on some split the scorer
+    cannot see). Refuses a DataModule whose digits datasets split differently or whose training split includes
+    the held-out digits, since then no digit is held out from the model."""
+    found = datamodule_digits(datamodule)
+    if not found:
+        return None
+    splits = {name: ds.digits_split for name, ds in found.items()}
+    if len(set(splits.values())) > 1:
+        raise ConfigError("the DigitsDatasets in data.params split the digits differently "
+                          f"({', '.join(f'{n}: {s}' for n, s in splits.items())}): give them the same "
+                          "val_fraction and seed, or a validation digit may be a training digit")
+    train = found.get("train")
+    if train is not None and train.split != "train":
+        raise ConfigError(f"data.params.train: DigitsDataset split {train.split!r} trains on the held-out digits, "
+                          "so the digit scores would judge the model on digits it learned; use split: train")
+    return next(iter(splits.values()))
+
+
 def to_model_range(images: np.ndarray, size: int = 8, channels: int = 1) -> torch.Tensor:
     """(N,8,8) in 0..16 → (N,channels,size,size) in [-1,1]; upsampling is bilinear (antialiased strokes, not
     blocky pixels), and ``channels=3`` repeats the gray plane for first stages that expect RGB."""
@@ -81,7 +133,8 @@ class DigitsDataset(Dataset):
             raise ConfigError(f"DigitsDataset: size must be >= 8 (the native resolution), got {size}")
         if channels not in (1, 3):
             raise ConfigError(f"DigitsDataset: channels must be 1 or 3, got {channels}")
-        images, self.labels = split_digits(split, val_fraction, seed)
+        self.split, self.digits_split = split, DigitsSplit(val_fraction, seed)
+        images, self.labels = self.digits_split.digits(split)
         self.images = to_model_range(images, size, channels)
         self.captions = [digit_caption(int(k), caption_template) for k in self.labels]
 

@@ -3,7 +3,7 @@
 The scorer is proven on real digits (it must recognise them) and on noise (it must not find the prompted digit
 in it), so the demo's prompt-following figure means what it says; its copying figures are proven on stand-in
 models that draw one image per prompt or copy training digits. A 400-step run of the demo must reach 50%
-prompt-following (measured 68-84% over three seeds); the full 800-step demo is marked slow.
+prompt-following (measured 75%); the full 800-step demo is marked slow.
 """
 from __future__ import annotations
 
@@ -158,27 +158,58 @@ def test_demo_learns_to_follow_prompts(demo):
     figures = FIGURE.findall(demo.stdout)
     copying = COPYING.findall(demo.stdout)
     print(f"digits demo, {STEPS} steps in {demo.seconds:.0f} s:", figures, copying)
-    assert [int(step) for step, _, _ in figures] == [204, STEPS], demo.stdout[-2000:]  # a validation, then the end
-    (_, first, _), (_, last, ref) = figures
-    # Measured 24% -> 72% (17 -> 68 and 41 -> 84 with other seeds); chance is 10%.
-    assert float(last) >= 50.0 and float(last) > float(first) + 20, figures
+    assert [int(step) for step, _, _ in figures] == [STEPS], demo.stdout[-2000:]  # at the end of training
+    ((_, accuracy, ref),) = figures
+    assert float(accuracy) >= 50.0, figures  # chance is 10%; measured 75% (86% with clip_sample off)
     assert float(ref) > 95
-    assert len(copying) == 2
-    diversity, real_diversity, nearest, real_nearest = map(float, copying[-1])
-    assert diversity > 0.5 * real_diversity, copying  # not one image per prompt
-    assert nearest > 0.5 * real_nearest, copying  # not copies of training digits
+    ((diversity, real_diversity, nearest, real_nearest),) = [tuple(map(float, c)) for c in copying]
+    assert diversity > 0.5 * real_diversity, copying  # not one image per prompt (measured 0.53 vs 0.56)
+    assert nearest > 0.5 * real_nearest, copying  # not copies of training digits (measured 0.40 vs 0.26)
     run = demo.run
     for path in ("checkpoints/last.ckpt", "metrics.csv", "loss_curve.png", "digits_by_prompt.png"):
         assert (run / path).is_file(), path
-    assert list((run / "images" / "val").glob("samples_cfg3_gs-000204_*.png"))
+    assert list((run / "images" / "train").glob(f"samples_cfg3_gs-{STEPS:06}_*.png"))  # the demo logs every 400
     rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/prompt_accuracy")]
-    assert [int(r["step"]) for r in rows] == [204, STEPS]
-    assert float(rows[-1]["val/prompt_accuracy"]) == pytest.approx(float(last) / 100, abs=1e-3)
+    assert [int(r["step"]) for r in rows] == [STEPS]
+    assert float(rows[-1]["val/prompt_accuracy"]) == pytest.approx(float(accuracy) / 100, abs=1e-3)
     assert float(rows[-1]["val/sample_diversity"]) == pytest.approx(diversity, abs=1e-3)
     assert float(rows[-1]["val/real_nearest_train_distance"]) == pytest.approx(real_nearest, abs=1e-3)
     from PIL import Image
 
     assert Image.open(run / "digits_by_prompt.png").size == (4 * (10 * 9 + 1), 4 * (10 * 9 + 1))  # 10 rows x 10
+
+
+def test_score_runs_after_each_validation_and_at_the_end_once_per_step(classifier, tmp_path, capsys):
+    """DigitScore's schedule with a stand-in trainer: a figure after a validation (not during the sanity check),
+    logged at that step; at the end of training right after it, the same figure again without sampling again."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    logged, calls = [], []
+
+    class Counting(OnePerPrompt):
+        def generate(self, captions, seeds, **kwargs):
+            calls.append(len(captions))
+            return super().generate(captions, seeds, **kwargs)
+
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    trainer = SimpleNamespace(global_step=26, sanity_checking=True, default_root_dir=str(tmp_path), loggers=[logger],
+                              precision_plugin=SimpleNamespace(forward_context=nullcontext), datamodule=None)
+    score = DigitScore(n_per_class=2)
+    score._classifier = classifier
+    score.setup(trainer, None, "fit")
+    score.on_validation_end(trainer, Counting())
+    assert not calls and not logged  # the sanity check is not scored
+    trainer.sanity_checking = False
+    score.on_validation_end(trainer, Counting())
+    score.on_train_end(trainer, Counting())  # same step: same weights
+    trainer.global_step = 30
+    score.on_train_end(trainer, Counting())
+    assert calls == [20, 20] and [step for step, _ in logged] == [26, 30]
+    assert logged[0][1]["val/prompt_accuracy"] == 1.0 and logged[0][1]["val/sample_diversity"] == 0.0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [int(FIGURE.match(line).group(1)) for line in printed] == [26, 26, 30]
+    assert (tmp_path / "digits_by_prompt.png").is_file()
 
 
 @pytest.mark.slow

@@ -14,9 +14,8 @@ from tests.conftest import REPO, main_py, run_dirs
 DEMO = REPO / "configs" / "demo" / "digits.yaml"
 # 400 steps (~4 epochs at batch 64, repeats 4), no validation on the way (a validation draws from the global RNG
 # and so changes the weights; this run is also the DreamBooth test's base, whose class prompt keeps its 3s with
-# margin from these weights: 95% full, 75% LoRA, measured with clip_sample off): the figure comes at the end.
-# Measured prompt-following at step 400 on the 2-core machine: 75% (86% with the samplers' clip_sample off, the
-# pixel-space default before a432efb); with a validation every 2 epochs 72% (seed 23), 68% and 84% (seeds 1, 2).
+# margin from these weights: 95% full, 75% LoRA): the figure comes at the end.
+# Measured prompt-following at step 400 on the 2-core machine: 86%; with a validation every 2 epochs 68-91%.
 # About 3 minutes of one core (170-200 s wall when the machine was quiet, 330 s when other jobs ran).
 STEPS = 400
 

@@ -58,7 +58,7 @@ class LatentDiffusion(pl.LightningModule):
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma)
         self.sampler_config = resolve_sampler_config(
-            sampler_config, default_sampler_config(self.schedule.scheduler_config(), self.first_stage_model.is_latent))
+            sampler_config, default_sampler_config(self.schedule.scheduler_config()))
         self.trainable_names = select_trainable(self.unet, trainable)
         if lora:  # low-rank adapters replace `trainable`: only they train (ldm.lora)
             from ldm.lora import add_lora

@@ -65,8 +65,6 @@ class IdentityFirstStage(FirstStage):
     With ``channels: 1`` RGB batches (every image file is read as RGB) are averaged to gray, so a gray model
     trains on folders of PNGs such as its own samples or DreamBooth photos."""
 
-    is_latent = False
-
     def __init__(self, channels: int = 3, pretrained: str | None = None):
         super().__init__()
         self.latent_channels = self.image_channels = channels

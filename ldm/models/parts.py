@@ -120,7 +120,6 @@ class Conditioner(nn.Module):
 class FirstStage(nn.Module):
     """Images in [-1, 1] ↔ the space the denoiser works in. Always in eval mode and without gradients."""
 
-    is_latent: ClassVar[bool] = True  # False: pixel-space diffusion (the data itself lies in [-1, 1])
     downsample: int = 1
     latent_channels: int = 3
     image_channels: int = 3

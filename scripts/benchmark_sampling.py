@@ -7,7 +7,7 @@ precision, end to end: prompt encoding, the denoising loop, VAE decoding and con
 pipeline's progress bar is off and so is ours. The two alternate, ``--repeats`` times each after one untimed
 warm-up; the medians of wall time and of process CPU time (which other processes on a shared machine disturb
 far less; use ``--threads 1`` there) are printed with the ratios, each the median of the per-pair ratios (a pair
-runs back to back, so a change in the machine's load hits both), target <= 1.0, and the mean absolute
+runs back to back, so a change in the machine's load hits both), target <= 1.0, and the maximum absolute
 difference of the images.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/benchmark_sampling.py --steps 20 --batch 2 --repeats 5

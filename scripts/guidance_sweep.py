@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sampler_args(p)
     p.set_defaults(scale=None)  # the scales come from --scales
+    for action in p._actions:  # txt2img's --scale means nothing here: hide it from --help (it is refused if given)
+        if action.dest == "scale":
+            action.help = argparse.SUPPRESS
     return p
 
 

@@ -39,10 +39,9 @@ def merge(base: Path, lora: Path, out: Path, scale: float = 1.0) -> Path:
 
 def extract(ckpt: Path, out: Path) -> Path:
     """Rebuild the checkpoint's model from the run's config (``<run>/configs/*-project.yaml``), then save its adapter."""
-    import torch
-
     from ldm.config import load_yaml, to_container
     from ldm.lora import has_lora, save_lora
+    from ldm.weights.files import read_pickle
     from ldm.util import instantiate_from_config
 
     configs = sorted((ckpt.parent.parent / "configs").glob("*-project.yaml"))
@@ -52,7 +51,7 @@ def extract(ckpt: Path, out: Path) -> Path:
     model = instantiate_from_config(cfg)
     if not has_lora(model.unet):
         raise ConfigError(f"{str(configs[-1])!r} trains no LoRA (model.params.lora is not set)")
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    model.load_state_dict(read_pickle(ckpt)["state_dict"])  # weights_only: no code in a checkpoint ever runs
     return save_lora(model, out)
 
 

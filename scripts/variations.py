@@ -4,7 +4,8 @@
 --ckpt is anything ``ldm.weights.load_model`` reads: a run dir (its checkpoints/last.ckpt), a training
 checkpoint, or a diffusers image-variations folder (unet/ vae/ image_encoder/ ...). The image encoder's
 preprocessing (resize filter, antialias, mean/std) comes from the weights' stored config, so inputs are embedded
-exactly as training embedded its images. The flags are those of txt2img.py and img2img.py.
+exactly as training embedded its images. The weight and sampler flags (--ckpt, --config, --device, --no_ema,
+--lora, --lora_scale, --sampler, --ddim_steps, --ddim_eta, --scale, --sampler_config) are those of txt2img.py.
 
   python scripts/variations.py --ckpt logs/<run> photo.jpg other.png -n 4 --scale 3 --seed 0 --ddim_steps 50
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ldm.outputs import image_grid  # noqa: E402
-from ldm.sampling_cli import add_steps_args, add_weights_args, check_steps_args  # noqa: E402
+from ldm.sampling_cli import add_steps_args, add_weights_args, apply_sampler_config, check_steps_args  # noqa: E402
 from ldm.util import ConfigError, run_cli  # noqa: E402
 
 
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--outdir", default="outputs/variations",
                    help="writes <stem>-variations.png and <stem>-NN.png (default: outputs/variations)")
     add_weights_args(p)
+    p.add_argument("--lora", default=None, metavar="FILE",
+                   help="a UNet LoRA adapter trained on this model (<run>/lora/pytorch_lora_weights.safetensors)")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the --lora adapter (default: 1.0)")
     add_steps_args(p, scale=3.0)
     # No defaults of their own (SUPPRESS): the flags above set those; these only store what is given.
     old = p.add_argument_group("earlier spellings, still accepted")
@@ -98,8 +102,7 @@ def weights_and_images(args) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     from ldm.data.images import BadImage
-    from ldm.inference import pick_device
-    from ldm.weights import load_model
+    from ldm.inference import load, pick_device
 
     args = build_parser().parse_args(argv)
 
@@ -107,10 +110,12 @@ def main(argv=None) -> int:
         args.weights, args.images = weights_and_images(args)
         check_steps_args(args)
         device = pick_device(args.device)
-        model = load_model(args.weights, config=args.config, ema=not args.no_ema, device=device, verbose=True)
+        model = load(args.weights, args.config, device, ema=not args.no_ema, lora=args.lora, lora_scale=args.lora_scale)
+        print(model.weights_summary)
         if model.cond_stage_model.kind != "image":
             raise ConfigError(f"{args.weights!r} is not an image-variations model (its conditioner is "
                               f"{type(model.cond_stage_model).__name__}); use a text-to-image script")
+        apply_sampler_config(model, args)
         channels = model.cond_stage_model.input_channels()
         outdir = Path(args.outdir)
         outdir.mkdir(parents=True, exist_ok=True)

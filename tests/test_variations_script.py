@@ -140,3 +140,39 @@ def test_cli_without_weights_or_with_a_bad_flag_is_one_line(tmp_path, capsys):
     assert mod.main(["--ckpt", "run", str(tmp_path / "a.png"), "--sampler", "nope"]) == 2
     err = capsys.readouterr().err
     assert "unknown sampler 'nope'" in err and len(err.splitlines()) == 1
+
+
+def test_cli_applies_lora_and_sampler_config(checkpoint, tmp_path):
+    """--lora puts a UNet adapter trained on the variations model on it (the image equals the adapted model's own
+    sample), and --sampler_config reaches the sampler (DDIM with clip_sample=true draws another image)."""
+    import numpy as np
+
+    from ldm.lora import save_lora
+    from ldm.util import instantiate_from_config
+    from ldm.weights import load_model
+    from ldm.weights.load import load_weights
+
+    section = tiny_section()
+    section["params"]["lora"] = {"rank": 4, "alpha": 4}
+    adapted = instantiate_from_config(section)
+    load_weights(adapted, checkpoint)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    adapter = save_lora(adapted.eval(), tmp_path / "lora" / "a.safetensors")
+    img = photo(tmp_path / "in.png")
+    base = ["--ckpt", str(checkpoint), str(img), "-n", "1", "--ddim_steps", "4", "--size", "16", "--seed", "3"]
+
+    def run(out, *extra):
+        assert script().main([*base, "-o", str(tmp_path / out), *extra]) == 0
+        return np.asarray(Image.open(tmp_path / out / "in-00.png"), dtype=np.int16)
+
+    plain, with_lora = run("plain"), run("lora", "--lora", str(adapter))
+    clipped = run("clip", "--sampler_config", "clip_sample=true")
+    mod = script()
+    expected = mod.make_variations(adapted, mod.load_image(img), n=1, seed=3, steps=4, size=16)
+    expected = ((expected[0].float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    assert np.abs(with_lora - expected.astype(np.int16)).max() <= 1
+    assert np.abs(with_lora - plain).mean() > 1 and np.abs(clipped - plain).max() > 0
+    assert load_model(checkpoint).sampler_config["clip_sample"] is False

@@ -103,3 +103,16 @@ def test_lora_on_an_image_variations_model_saves_and_loads(tmp_path):
 def test_text_encoder_lora_on_an_image_model_is_refused_at_start():
     with pytest.raises(ConfigError, match="lora.text_encoder: true, but the conditioner CLIP image encoder"):
         variations_model(**{"params.lora": {"rank": 4, "text_encoder": True}})
+
+
+def test_a_pixel_space_model_has_no_diffusers_folder_and_says_so_in_one_line(tmp_path):
+    """A first stage without a VAE declares no weight component; the folder export refuses before writing."""
+    from ldm.weights import export_diffusers, prepare
+
+    section = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "demo" / "digits.yaml").model, resolve=True)
+    model = instantiate_from_config(section)
+    assert not model.first_stage_model.has_vae and model.first_stage_model.image_channels == 1
+    torch.save({"state_dict": model.state_dict(), "config": {"model": section}, "global_step": 1}, tmp_path / "m.ckpt")
+    with pytest.raises(ConfigError, match="pixel-space model .no VAE."):
+        export_diffusers(prepare(tmp_path / "m.ckpt"), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -81,9 +81,6 @@ class CLIPTextConditioner(Conditioner):
     def description(self) -> str:
         return f"{'OpenCLIP' if self.is_open_clip else 'CLIP'} text encoder"
 
-    def preprocessing(self) -> dict:
-        return {"max_length": self.max_length, "layer": self.layer}
-
     def lora_modules(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.transformer}
 
@@ -105,10 +102,6 @@ class CLIPTextConditioner(Conditioner):
                          f"{limit - 2}: truncated after word {len(kept)} ('... {' '.join(kept[-4:])}'), dropping "
                          f"{len(ids) - limit} tokens: {dropped!r}")
         return lines
-
-    def identifier_tokens(self, word: str) -> list[str]:
-        """How the tokenizer splits ``word`` (DreamBooth's check for a rare identifier)."""
-        return self.tokenizer.tokenize(word)
 
     def write_diffusers(self, out: Path) -> dict[str, list]:
         from ldm.models.tokenizer import write_clip_vocab
@@ -216,10 +209,6 @@ class CLIPImageConditioner(Conditioner):
 
     def input_channels(self) -> int:
         return int(self.encoder.config.num_channels)
-
-    def preprocessing(self) -> dict:
-        return {"image_size": self.image_size, "interpolation": self.interpolation, "antialias": self.antialias,
-                "mean": list(self.mean), "std": list(self.std)}
 
     def weight_components(self) -> list[WeightComponent]:
         return [WeightComponent("encoder.", "image_encoder", "clip_visual", self.encoder)]

@@ -5,9 +5,8 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
-import torch
-
 import pytorch_lightning as pl
+import torch
 
 from ldm.callbacks.faults import check_finite, last_good_checkpoint
 from ldm.models.ema import EMA

@@ -51,7 +51,9 @@ class Conditioner(nn.Module):
     """A batch's conditions (captions, images) → the denoiser's cross-attention context.
 
     Subclasses set ``kind`` and implement ``forward``, ``unconditional``, ``weight_components`` and
-    ``write_diffusers``; the rest has working defaults. The encoder trains with the UNet only when ``trainable``;
+    ``write_diffusers``; the rest has working defaults. Input preprocessing (an image conditioner's resize filter,
+    size, mean/std; a text conditioner's token limit and layer) is the conditioner's own constructor params, so the
+    model section stored in every checkpoint and export carries it and sampling rebuilds it exactly. The encoder trains with the UNet only when ``trainable``;
     otherwise it stays in eval mode without gradients, whatever Lightning's ``.train()`` calls say.
     """
 
@@ -72,10 +74,6 @@ class Conditioner(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
     def forward(self, conds: Any, drop: torch.Tensor | None = None) -> torch.Tensor:
         """The context for ``conds``; rows where ``drop`` is true get the unconditional context."""
         raise NotImplementedError
@@ -92,10 +90,6 @@ class Conditioner(nn.Module):
     def prompt_warnings(self, prompts: Sequence[str]) -> list[str]:
         """One line per prompt the encoder cannot read whole (text conditioners); none by default."""
         return []
-
-    def preprocessing(self) -> dict:
-        """The input settings sampling must repeat exactly as training used them (recorded in checkpoints)."""
-        return {}
 
     def input_channels(self) -> int | None:
         """Channels of the images an image conditioner reads (None for text)."""

@@ -87,8 +87,9 @@ def export_diffusers(item: Exportable, out: str | Path, half: bool = False, prog
             raise ConfigError(f"{str(out)!r} already holds files; pass --force to replace them")
         shutil.rmtree(out)
     model = item.model
-    if not model.first_stage_model.has_vae:
-        model.first_stage_model.write_diffusers(out)  # the one-line refusal of a pixel-space model
+    if not model.first_stage_model.has_vae:  # refused before anything is written
+        raise ConfigError(f"{item.info['source']!r} is a pixel-space model (no VAE): a diffusers pipeline folder "
+                          "needs one; export a single file instead")
     meta = {"format": "pt", **item.metadata()}
     for row in model.weight_components():
         tensors = {k[len(row.prefix):]: v for k, v in item.state.items() if k.startswith(row.prefix)}

@@ -55,7 +55,20 @@ def resolve_sampler_config(given: dict | None, defaults: dict) -> dict:
     given = dict(given or {})
     if "_class_name" in given:
         return {k: v for k, v in given.items() if k not in ("_diffusers_version", "_use_default_values")}
+    check_sampler_keys(given)
     return {**defaults, **given}
+
+
+def check_sampler_keys(settings: dict, where: str = "model.params.sampler_config") -> None:
+    """A key no sampler takes (a typo such as ``clip_sampel``) would be ignored by every ``from_config``: refuse it."""
+    import difflib
+
+    known = {name for cls, _ in SAMPLERS.values() for name in inspect.signature(cls.__init__).parameters} - {"self"}
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=2)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"{where}: {key!r} is not a setting of any sampler ({', '.join(SAMPLERS)}){hint}")
 
 
 def clean_sampler_config(config: dict) -> dict:

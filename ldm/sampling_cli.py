@@ -62,7 +62,11 @@ def sampler_setting(item: str) -> tuple[str, object]:
 
 def apply_sampler_config(model, args) -> None:
     """``--sampler_config`` over the model's recorded settings, for every sampler the script builds."""
-    model.sampler_config = {**model.sampler_config, **dict(getattr(args, "sampler_config", None) or [])}
+    from ldm.sampling import check_sampler_keys
+
+    given = dict(getattr(args, "sampler_config", None) or [])
+    check_sampler_keys(given, "--sampler_config")
+    model.sampler_config = {**model.sampler_config, **given}
 
 
 def add_sampler_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:

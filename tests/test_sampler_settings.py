@@ -93,3 +93,13 @@ def test_sampler_config_on_the_command_line_changes_the_sampler_and_redraws(fold
     assert maxdiff(unclipped, theirs) <= 1 and mad(unclipped, clipped) > 1.0
     assert cli(["--from-png", out / "samples" / "00000.png", "--outdir", tmp_path / "again"]) == 0
     assert maxdiff(png(tmp_path / "again" / "samples" / "00000.png"), unclipped) == 0
+
+
+def test_a_sampler_setting_no_sampler_takes_is_one_clear_error():
+    from ldm.sampling import resolve_sampler_config
+    from ldm.util import ConfigError
+
+    with pytest.raises(ConfigError, match="'clip_sampel' is not a setting of any sampler.*did you mean clip_sample"):
+        resolve_sampler_config({"clip_sampel": True}, {})
+    # A diffusers folder's config is taken whole, keys of newer diffusers versions included.
+    assert resolve_sampler_config({"_class_name": "PNDMScheduler", "new_key": 1}, {})["new_key"] == 1

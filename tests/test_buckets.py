@@ -165,8 +165,13 @@ def test_a_folder_of_three_aspect_ratios_trains_with_every_image_in_one_bucket_p
         assert grid.size[0] > grid.size[1]  # wide tiles
 
 
-def test_ddp_ranks_take_equal_batch_counts_whatever_the_bucket_sizes(tmp_path, shapes_folder):
-    _, _, records = _train(tmp_path, shapes_folder, devices=2)
+def test_ddp_ranks_take_equal_batch_counts_and_share_the_cache_work(tmp_path, shapes_folder):
+    output, run, records = _train(tmp_path, shapes_folder, devices=2,
+                                  data={"cache_latents": "disk", "cache_text_embeddings": True})
+    shards = sorted(p.name.split("-")[1] for p in (run / "cache" / "latents").glob("shard-*.safetensors"))
+    assert set(shards) == {"0", "1"}  # each rank encoded its share
+    index = json.loads((run / "cache" / "latents" / "index.json").read_text())["entries"]
+    assert len(index) == len(SHAPES) and "latent cache: 7 entries" in output
     steps = [len(records[r]["steps"]) for r in (0, 1)]
     assert steps[0] == steps[1] > 0
     seen = {c for r in (0, 1) for batch in records[r]["captions"] for c in batch}

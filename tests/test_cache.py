@@ -169,3 +169,19 @@ def test_logged_samples_and_reconstructions_come_from_a_cached_batch(folder):
     h, w = batch["image_moments"].shape[-2:]
     assert images["reconstruction"].shape[-2:] == (h * 2, w * 2)
     assert images["samples_cfg3"].shape == images["reconstruction"].shape
+
+
+def test_hf_imagefolder_trains_bucketed_from_the_cache(tmp_path):
+    import json
+
+    work = write_shapes_folder(tmp_path / "hf")
+    rows = [{"file_name": p.name, "text": p.with_suffix(".txt").read_text()} for p in sorted(work.glob("*.png"))]
+    (work / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = {"target": "ldm.data.hf.hf_dataset", "params": {"name": str(work)}}
+    dm = DataModuleFromConfig(batch_size=2, num_workers=0, train=train, buckets=BUCKETS, cache_latents="memory",
+                              cache_text_embeddings=True)
+    dm.prepare_train(tiny_model(), torch.device("cpu"), None)
+    batches = list(dm.train_dataloader())
+    assert {tuple(b["image_moments"].shape[-2:]) for b in batches} == {(12, 20), (20, 12), (16, 16)}
+    assert {c for b in batches for c in b["caption"]} == {r["text"] for r in rows}
+    assert len(dm.datasets["train"].latents[0]) == len(rows)

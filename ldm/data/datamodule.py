@@ -174,7 +174,14 @@ class DataModuleFromConfig(pl.LightningDataModule):
         inner = unwrap(self.datasets["train"])[0]
         wanted = [k for k, on in (("buckets", self.buckets), ("cache_latents", self.cache_latents),
                                   ("cache_text_embeddings", self.cache_text_embeddings)) if on]
-        if not (hasattr(inner, "slots") and hasattr(inner, "use_buckets")):
+        if isinstance(inner, IterableDataset):
+            if self.cache_latents or self.cache_text_embeddings:
+                raise ConfigError(f"data.params.{wanted[-1]}: the train dataset {to_container(cfg).get('target')} is "
+                                  "streamed, so there is nothing to look cached items up by; turn the cache off")
+            if not hasattr(inner, "use_stream_buckets"):
+                raise ConfigError(f"data.params.buckets: the streamed train dataset {to_container(cfg).get('target')} "
+                                  "does not support buckets")
+        elif not (hasattr(inner, "slots") and hasattr(inner, "use_buckets")):
             raise ConfigError(f"data.params.{wanted[0]}: the train dataset {to_container(cfg).get('target')} does not "
                               "support it (folder, hf_dataset and DreamBooth datasets do)")
         for ds in image_datasets(inner):
@@ -210,10 +217,16 @@ class DataModuleFromConfig(pl.LightningDataModule):
             if int(spec["step"]) % multiple:
                 raise ConfigError(f"data.params.buckets.step {spec['step']} must be a multiple of {multiple} (the "
                                   "model's pixels per latent cell times its UNet's downsampling)")
-            assignment = assign_buckets(inner.image_sizes(), bucket_sizes(int(spec["resolution"]), int(spec["step"]),
-                                        float(spec["max_aspect"])), self.batch_size, repeats, spec["small_buckets"])
-            inner.use_buckets([assignment.target(i) for i in range(len(inner))],
-                              BucketCrop(spec["crop"], spec["resize_filter"]))
+            sizes = bucket_sizes(int(spec["resolution"]), int(spec["step"]), float(spec["max_aspect"]))
+            crop = BucketCrop(spec["crop"], spec["resize_filter"])
+            if isinstance(inner, IterableDataset):
+                inner.use_stream_buckets(sizes, crop, self.batch_size)
+                if is_zero:
+                    print(f"aspect-ratio buckets, chosen per image as the shards stream: "
+                          f"{', '.join(f'{w} x {h}' for h, w in sizes)} (width x height)")
+                return
+            assignment = assign_buckets(inner.image_sizes(), sizes, self.batch_size, repeats, spec["small_buckets"])
+            inner.use_buckets([assignment.target(i) for i in range(len(inner))], crop)
             self.groups = [assignment.of_image[i % len(inner)] for i in range(len(self.datasets["train"]))]
             if is_zero:
                 print(f"aspect-ratio buckets (resolution {spec['resolution']}, step {spec['step']}, max aspect "

@@ -130,35 +130,37 @@ def assign_buckets(sizes: Sequence[tuple[int, int] | None], buckets: Sequence[Si
     if small_buckets not in SMALL_BUCKETS:
         raise ConfigError(f"buckets.small_buckets must be one of {SMALL_BUCKETS}, got {small_buckets!r}")
     buckets = list(buckets)
-    of_image = [nearest_bucket(s, buckets) if s else -1 for s in sizes]
-    counts = [of_image.count(b) for b in range(len(buckets))]
-    fullest = max(range(len(buckets)), key=lambda b: counts[b])
-    of_image = [fullest if b < 0 else b for b in of_image]
-    notes = {b: "" for b in range(len(buckets))}
-    if small_buckets == "merge":
-        while True:
-            counts = [of_image.count(b) for b in range(len(buckets))]
-            small = [b for b in range(len(buckets)) if 0 < counts[b] * repeats < batch_size]
-            others = [b for b in range(len(buckets)) if counts[b] > 0]
-            if not small or len(others) < 2:
-                break
-            b = min(small, key=lambda k: counts[k])
-            aspect = math.log(buckets[b][1] / buckets[b][0])
-            into = min((k for k in others if k != b),
-                       key=lambda k: (abs(math.log(buckets[k][1] / buckets[k][0]) - aspect), -counts[k]))
-            h, w = buckets[into]
-            notes[b] = f"{counts[b]} merged into {w} x {h}"
-            of_image = [into if k == b else k for k in of_image]
+    nearest = [nearest_bucket(s, buckets) if s else -1 for s in sizes]
+    fullest = max(range(len(buckets)), key=lambda b: nearest.count(b))
+    nearest = [fullest if b < 0 else b for b in nearest]
+    own = [nearest.count(b) for b in range(len(buckets))]  # images whose nearest bucket it is
+    of_image = list(nearest)
+    joined: dict[int, int] = {}  # merged bucket -> the bucket it joined
+    while small_buckets == "merge":
+        counts = [of_image.count(b) for b in range(len(buckets))]
+        small = [b for b in range(len(buckets)) if 0 < counts[b] * repeats < batch_size]
+        others = [b for b in range(len(buckets)) if counts[b] > 0]
+        if not small or len(others) < 2:
+            break
+        b = min(small, key=lambda k: counts[k])
+        aspect = math.log(buckets[b][1] / buckets[b][0])
+        joined[b] = min((k for k in others if k != b),
+                        key=lambda k: (abs(math.log(buckets[k][1] / buckets[k][0]) - aspect), -counts[k]))
+        of_image = [joined[b] if k == b else k for k in of_image]
     counts = [of_image.count(b) for b in range(len(buckets))]
     rows = []
     for b, size in enumerate(buckets):
-        if not counts[b] and not notes[b]:
+        if not own[b] and not counts[b]:
             continue
-        note = notes[b]
+        notes = []
+        if b in joined:
+            final = joined[b]
+            while final in joined:  # merged into a bucket that was merged in turn: name where they ended up
+                final = joined[final]
+            notes.append(f"{own[b]} merged into {buckets[final][1]} x {buckets[final][0]}")
         if counts[b] and counts[b] * repeats % batch_size:
-            filler = batch_size - counts[b] * repeats % batch_size
-            note = (note + "; " if note else "") + f"last batch filled by repeating {filler} of its images"
-        rows.append(BucketRow(size, counts[b], counts[b] * repeats, note))
+            notes.append(f"last batch filled by repeating {batch_size - counts[b] * repeats % batch_size} of its images")
+        rows.append(BucketRow(size, counts[b], counts[b] * repeats, "; ".join(notes)))
     return Assignment(buckets, of_image, rows)
 
 

@@ -185,3 +185,24 @@ def test_hf_imagefolder_trains_bucketed_from_the_cache(tmp_path):
     assert {tuple(b["image_moments"].shape[-2:]) for b in batches} == {(12, 20), (20, 12), (16, 16)}
     assert {c for b in batches for c in b["caption"]} == {r["text"] for r in rows}
     assert len(dm.datasets["train"].latents[0]) == len(rows)
+
+
+def test_dreambooth_trains_from_cached_instance_and_class_images(folder, tmp_path):
+    from PIL import Image
+
+    classes = tmp_path / "class"
+    classes.mkdir()
+    for n in range(3):
+        Image.new("RGB", (32, 32), (n * 60, 90, 0)).save(classes / f"{n}.png")
+    train = {"target": "ldm.data.dreambooth.DreamBoothDataset",
+             "params": {"instance_data_dir": str(folder), "instance_prompt": "a photo of sks thing",
+                        "class_data_dir": str(classes), "class_prompt": "a photo of a thing", "num_class_images": 3,
+                        "check_identifier": False}}
+    plain = fit(tiny_model(), DataModuleFromConfig(batch_size=2, num_workers=0, train=train, buckets=BUCKETS), steps=3)
+    dm = DataModuleFromConfig(batch_size=2, num_workers=0, train=train, buckets=BUCKETS, cache_latents="memory",
+                              cache_text_embeddings=True)
+    cached = fit(tiny_model(), dm, steps=3)
+    assert {"image_moments", "class_image_moments", "caption_context", "class_caption_context"} <= cached.keys
+    assert cached.losses == pytest.approx(plain.losses, abs=1e-5)  # instance + prior loss, as online
+    # 7 instance photos, and the 3 class images once per bucket they were cropped to
+    assert len(dm.datasets["train"].latents[0]) >= 7 + 3

@@ -34,6 +34,8 @@ class LatentDiffusion(pl.LightningModule):
     exports record them. A diffusers folder's ``scheduler/scheduler_config.json`` arrives here whole.
     ``monitor`` is CompVis's key: the metric ``lightning.modelcheckpoint`` keeps its best checkpoints by when
     it sets ``save_top_k`` without a ``monitor`` of its own.
+    Training options, all off by default (README "Training options"): ``noise_offset``, ``input_perturbation`` and
+    ``zero_terminal_snr`` (see ``ldm.models.schedule.NoiseSchedule``).
     """
 
     def __init__(self, unet_config: dict, first_stage_config: dict, cond_stage_config: dict,
@@ -43,7 +45,8 @@ class LatentDiffusion(pl.LightningModule):
                  trainable: str | Sequence[str] = "all", use_ema: bool = False, ema_decay: float = 0.9999,
                  sample_with_ema: bool = True, scheduler_config: dict | None = None, weight_decay: float = 0.01,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss",
-                 prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None):
+                 prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None,
+                 noise_offset: float = 0.0, input_perturbation: float = 0.0, zero_terminal_snr: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.unet = self._build(unet_config, pretrained)
@@ -55,7 +58,12 @@ class LatentDiffusion(pl.LightningModule):
                 raise ConfigError(f"model.params.{name}: {type(part).__name__} is not a {interface.__module__}."
                                   f"{interface.__name__} (the interface the rest of the project relies on)")
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
-        self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma)
+        self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma,
+                                      noise_offset, input_perturbation, zero_terminal_snr)
+        if zero_terminal_snr and self.schedule.prediction_type == "epsilon":
+            # At SNR 0 the input is pure noise: predicting it says nothing of the image, and DDIM/DDPM divide by 0.
+            raise ConfigError("model.params.zero_terminal_snr: true needs parameterization: v (an epsilon model's "
+                              "samples are NaN from the first, SNR-0 step of DDIM and DDPM); got parameterization: eps")
         self.sampler_config = resolve_sampler_config(
             sampler_config, default_sampler_config(self.schedule.scheduler_config()))
         self.trainable_names = select_trainable(self.unet, trainable)
@@ -96,7 +104,9 @@ class LatentDiffusion(pl.LightningModule):
         context = self.conditioning(batch, drop)
         noise = torch.randn(z.shape, device=z.device, generator=generator, dtype=z.dtype)
         t = self.schedule.sample_timesteps(z.shape[0], z.device, generator)
-        z_t = self.schedule.add_noise(z, noise, t)
+        # Offset noise and input perturbation (off by default) draw after everything above; not in validation.
+        noise, input_noise = self.schedule.training_noise(noise, generator) if train else (noise, noise)
+        z_t = self.schedule.add_noise(z, input_noise, t)
         pred = self.denoise(z_t, t, context)
         return self.schedule.loss(pred, self.schedule.target(z, noise, t), t)
 

@@ -13,6 +13,7 @@ from ldm.models.ema import EMA
 from ldm.models.parts import Conditioner, FirstStage, WeightComponent
 from ldm.models.schedule import NoiseSchedule
 from ldm.models.trainable import select_trainable
+from ldm.optim import build_optimizer, default_optimizer_config
 from ldm.sampling import default_sampler_config, resolve_sampler_config
 from ldm.util import ConfigError, count_params, instantiate_from_config
 
@@ -35,7 +36,8 @@ class LatentDiffusion(pl.LightningModule):
     ``monitor`` is CompVis's key: the metric ``lightning.modelcheckpoint`` keeps its best checkpoints by when
     it sets ``save_top_k`` without a ``monitor`` of its own.
     Training options, all off by default (README "Training options"): ``noise_offset``, ``input_perturbation`` and
-    ``zero_terminal_snr`` (see ``ldm.models.schedule.NoiseSchedule``).
+    ``zero_terminal_snr`` (see ``ldm.models.schedule.NoiseSchedule``); ``optimizer_config`` (a ``{target, params}``
+    block, see ``ldm.optim``; default AdamW with ``weight_decay``/``adam_betas``/``adam_eps``).
     """
 
     def __init__(self, unet_config: dict, first_stage_config: dict, cond_stage_config: dict,
@@ -46,7 +48,8 @@ class LatentDiffusion(pl.LightningModule):
                  sample_with_ema: bool = True, scheduler_config: dict | None = None, weight_decay: float = 0.01,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss",
                  prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None,
-                 noise_offset: float = 0.0, input_perturbation: float = 0.0, zero_terminal_snr: bool = False):
+                 noise_offset: float = 0.0, input_perturbation: float = 0.0, zero_terminal_snr: bool = False,
+                 optimizer_config: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.unet = self._build(unet_config, pretrained)
@@ -74,6 +77,7 @@ class LatentDiffusion(pl.LightningModule):
         self.prior_loss_weight = prior_loss_weight
         self.use_ema, self.sample_with_ema = use_ema, sample_with_ema
         self.model_ema = EMA(self.unet, ema_decay) if use_ema else None
+        self.optimizer_config = optimizer_config
         self.scheduler_config = scheduler_config
         self.learning_rate = 1e-4  # main.py sets the (possibly scaled) base_learning_rate
         self.monitor = monitor
@@ -147,8 +151,9 @@ class LatentDiffusion(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
         params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.hparams.weight_decay,
-                                betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_eps)
+        config = self.optimizer_config or default_optimizer_config(
+            self.hparams.weight_decay, self.hparams.adam_betas, self.hparams.adam_eps)
+        opt = build_optimizer(params, self.learning_rate, config)
         if self.scheduler_config is None:
             return opt
         lr_lambda = instantiate_from_config(self.scheduler_config)

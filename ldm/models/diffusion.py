@@ -37,7 +37,8 @@ class LatentDiffusion(pl.LightningModule):
     it sets ``save_top_k`` without a ``monitor`` of its own.
     Training options, all off by default (README "Training options"): ``noise_offset``, ``input_perturbation`` and
     ``zero_terminal_snr`` (see ``ldm.models.schedule.NoiseSchedule``); ``optimizer_config`` (a ``{target, params}``
-    block, see ``ldm.optim``; default AdamW with ``weight_decay``/``adam_betas``/``adam_eps``).
+    block, see ``ldm.optim``; default AdamW with ``weight_decay``/``adam_betas``/``adam_eps``); ``ema_device: cpu``
+    and ``ema_update_every`` (see ``ldm.models.ema.EMA``).
     """
 
     def __init__(self, unet_config: dict, first_stage_config: dict, cond_stage_config: dict,
@@ -49,7 +50,7 @@ class LatentDiffusion(pl.LightningModule):
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss",
                  prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None,
                  noise_offset: float = 0.0, input_perturbation: float = 0.0, zero_terminal_snr: bool = False,
-                 optimizer_config: dict | None = None):
+                 optimizer_config: dict | None = None, ema_device: str | None = None, ema_update_every: int = 1):
         super().__init__()
         self.save_hyperparameters()
         self.unet = self._build(unet_config, pretrained)
@@ -76,7 +77,7 @@ class LatentDiffusion(pl.LightningModule):
             self.trainable_names = add_lora(self, **lora)
         self.prior_loss_weight = prior_loss_weight
         self.use_ema, self.sample_with_ema = use_ema, sample_with_ema
-        self.model_ema = EMA(self.unet, ema_decay) if use_ema else None
+        self.model_ema = EMA(self.unet, ema_decay, device=ema_device, update_every=ema_update_every) if use_ema else None
         self.optimizer_config = optimizer_config
         self.scheduler_config = scheduler_config
         self.learning_rate = 1e-4  # main.py sets the (possibly scaled) base_learning_rate
@@ -136,7 +137,8 @@ class LatentDiffusion(pl.LightningModule):
         # Once per optimizer step, not per micro-batch under gradient accumulation.
         if self.model_ema is not None and self.global_step != self._ema_step:
             self._ema_step = self.global_step
-            self.model_ema.update(self.unet)
+            if self.model_ema.due(self.global_step):
+                self.model_ema.update(self.unet)
 
     def validation_step(self, batch, batch_idx):
         if self.first_stage_key not in batch:

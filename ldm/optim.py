@@ -76,9 +76,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, config: dic
     if target.startswith("bitsandbytes.") and not all(p.is_cuda for p in params):
         raise ConfigError(f"{WHERE}.target: {target} runs on CUDA only; the parameters are on "
                           f"{sorted({str(p.device) for p in params})[0]} (train with --gpus)")
-    if cls.__name__ == "Adafactor":
+    origin = (cls.__module__.split(".")[0], cls.__name__)
+    if origin == ("transformers", "Adafactor"):
         _adafactor_uses_lr(kwargs)
-    if cls.__name__ == "Prodigy" and not 0.5 <= lr <= 2.0:
+    if origin == ("prodigyopt", "Prodigy") and not 0.5 <= lr <= 2.0:
         log.warning("Prodigy estimates the step size itself and expects lr 1.0 (model.base_learning_rate: 1.0 "
                     "without --scale_lr); lr %.3g scales its estimate by that factor", lr)
     kwargs.update(_kernel_choice(cls, params, kwargs, accepted))
@@ -99,7 +100,7 @@ def _adafactor_uses_lr(kwargs: dict) -> None:
 def _kernel_choice(cls: type, params: list, kwargs: dict, accepted) -> dict:
     """Adam(W)'s fused kernel where it is supported (CUDA float parameters), else ``foreach``; a setting the config
     gives wins. On the CPU ``foreach`` gives the same numbers as torch's default loop, only faster."""
-    if not (isinstance(cls, type) and issubclass(cls, (torch.optim.Adam, torch.optim.AdamW))):
+    if not issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
         return {}
     if "fused" in kwargs or "foreach" in kwargs or not {"fused", "foreach"} <= set(accepted):
         return {}

@@ -113,3 +113,10 @@ def test_a_training_run_averages_every_n_steps_on_the_cpu(tmp_path):
     buf = next(iter(model.model_ema.names.values()))
     assert torch.equal(state[f"model_ema.{buf}"], model.model_ema.shadow(buf))
     assert int(state["model_ema.num_updates"]) == 2
+
+
+def test_a_shapes_only_model_gets_shapes_only_cpu_shadows():
+    """scripts/memory_table.py and the full-size tests build models on the meta device: no copy is possible there."""
+    with torch.device("meta"):
+        model = tiny_model(**{"params.ema_device": "cpu"})
+    assert all(v.is_meta for v in shadows(model.model_ema).values())

@@ -39,7 +39,9 @@ class EMA(nn.Module):
         params = dict(model.named_parameters())
         self._pinned: dict[str, torch.Tensor] | None = {} if device else None
         for name, buf in self.names.items():
-            shadow = params[name].detach().to(device or params[name].device, torch.float32, copy=True)
+            source = params[name].detach()
+            # A model built on the meta device (shapes only) gets shapes-only shadows wherever they are kept.
+            shadow = source.to(source.device if device is None or source.is_meta else device, torch.float32, copy=True)
             if self._pinned is None:
                 self.register_buffer(buf, shadow)
             else:

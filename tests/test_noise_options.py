@@ -140,6 +140,12 @@ def test_zero_terminal_snr_needs_v_prediction_and_a_sampler_that_rescales():
         make_scheduler("plms", sd2_v_model(zero_terminal_snr=True).sampler_config)
 
 
+@pytest.mark.parametrize("key, value", [("noise_offset", -0.1), ("input_perturbation", "0.1")])
+def test_a_bad_noise_setting_is_one_line(key, value):
+    with pytest.raises(ConfigError, match=f"model.params.{key}: expected a number >= 0 .*got {value!r}"):
+        NoiseSchedule(**{key: value})
+
+
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_min_snr_weights_stay_finite_at_the_snr_zero_step(parameterization):
     """SNR is 0 at the last step of a zero-SNR schedule: min(SNR, γ) / SNR would be 0/0 for epsilon. The epsilon

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from ldm.util import ConfigError
+
 PARAMETERIZATIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 
 
@@ -25,6 +27,9 @@ class NoiseSchedule:
             raise ValueError(f"parameterization must be one of {sorted(PARAMETERIZATIONS)}, got {parameterization!r}")
         self.prediction_type = PARAMETERIZATIONS[parameterization]
         self.snr_gamma = snr_gamma
+        for key, value in (("noise_offset", noise_offset), ("input_perturbation", input_perturbation)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ConfigError(f"model.params.{key}: expected a number >= 0 (0 is off), got {value!r}")
         self.noise_offset, self.input_perturbation = float(noise_offset), float(input_perturbation)
         self.zero_terminal_snr = bool(zero_terminal_snr)
         self.scheduler = DDPMScheduler(num_train_timesteps=timesteps, beta_start=linear_start, beta_end=linear_end,

@@ -13,6 +13,7 @@ from ldm.models.ema import EMA
 from ldm.models.parts import Conditioner, FirstStage, WeightComponent
 from ldm.models.schedule import NoiseSchedule
 from ldm.models.trainable import select_trainable
+from ldm.optim import build_optimizer, default_optimizer_config
 from ldm.sampling import default_sampler_config, resolve_sampler_config
 from ldm.util import ConfigError, count_params, instantiate_from_config
 
@@ -34,6 +35,10 @@ class LatentDiffusion(pl.LightningModule):
     exports record them. A diffusers folder's ``scheduler/scheduler_config.json`` arrives here whole.
     ``monitor`` is CompVis's key: the metric ``lightning.modelcheckpoint`` keeps its best checkpoints by when
     it sets ``save_top_k`` without a ``monitor`` of its own.
+    Training options, all off by default (README "Training options"): ``noise_offset``, ``input_perturbation`` and
+    ``zero_terminal_snr`` (see ``ldm.models.schedule.NoiseSchedule``); ``optimizer_config`` (a ``{target, params}``
+    block, see ``ldm.optim``; default AdamW with ``weight_decay``/``adam_betas``/``adam_eps``); ``ema_device: cpu``
+    and ``ema_update_every`` (see ``ldm.models.ema.EMA``).
     """
 
     def __init__(self, unet_config: dict, first_stage_config: dict, cond_stage_config: dict,
@@ -43,7 +48,9 @@ class LatentDiffusion(pl.LightningModule):
                  trainable: str | Sequence[str] = "all", use_ema: bool = False, ema_decay: float = 0.9999,
                  sample_with_ema: bool = True, scheduler_config: dict | None = None, weight_decay: float = 0.01,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss",
-                 prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None):
+                 prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None,
+                 noise_offset: float = 0.0, input_perturbation: float = 0.0, zero_terminal_snr: bool = False,
+                 optimizer_config: dict | None = None, ema_device: str | None = None, ema_update_every: int = 1):
         super().__init__()
         self.save_hyperparameters()
         self.unet = self._build(unet_config, pretrained)
@@ -55,7 +62,12 @@ class LatentDiffusion(pl.LightningModule):
                 raise ConfigError(f"model.params.{name}: {type(part).__name__} is not a {interface.__module__}."
                                   f"{interface.__name__} (the interface the rest of the project relies on)")
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
-        self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma)
+        self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma,
+                                      noise_offset, input_perturbation, zero_terminal_snr)
+        if zero_terminal_snr and self.schedule.prediction_type == "epsilon":
+            # At SNR 0 the input is pure noise: predicting it says nothing of the image, and DDIM/DDPM divide by 0.
+            raise ConfigError("model.params.zero_terminal_snr: true needs parameterization: v (an epsilon model's "
+                              "samples are NaN from the first, SNR-0 step of DDIM and DDPM); got parameterization: eps")
         self.sampler_config = resolve_sampler_config(
             sampler_config, default_sampler_config(self.schedule.scheduler_config()))
         self.trainable_names = select_trainable(self.unet, trainable)
@@ -65,7 +77,8 @@ class LatentDiffusion(pl.LightningModule):
             self.trainable_names = add_lora(self, **lora)
         self.prior_loss_weight = prior_loss_weight
         self.use_ema, self.sample_with_ema = use_ema, sample_with_ema
-        self.model_ema = EMA(self.unet, ema_decay) if use_ema else None
+        self.model_ema = EMA(self.unet, ema_decay, device=ema_device, update_every=ema_update_every) if use_ema else None
+        self.optimizer_config = optimizer_config
         self.scheduler_config = scheduler_config
         self.learning_rate = 1e-4  # main.py sets the (possibly scaled) base_learning_rate
         self.monitor = monitor
@@ -109,7 +122,9 @@ class LatentDiffusion(pl.LightningModule):
         context = self.conditioning(batch, drop)
         noise = torch.randn(z.shape, device=z.device, generator=generator, dtype=z.dtype)
         t = self.schedule.sample_timesteps(z.shape[0], z.device, generator)
-        z_t = self.schedule.add_noise(z, noise, t)
+        # Offset noise and input perturbation (off by default) draw after everything above; not in validation.
+        noise, input_noise = self.schedule.training_noise(noise, generator) if train else (noise, noise)
+        z_t = self.schedule.add_noise(z, input_noise, t)
         pred = self.denoise(z_t, t, context)
         return self.schedule.loss(pred, self.schedule.target(z, noise, t), t)
 
@@ -161,7 +176,8 @@ class LatentDiffusion(pl.LightningModule):
         # Once per optimizer step, not per micro-batch under gradient accumulation.
         if self.model_ema is not None and self.global_step != self._ema_step:
             self._ema_step = self.global_step
-            self.model_ema.update(self.unet)
+            if self.model_ema.due(self.global_step):
+                self.model_ema.update(self.unet)
 
     def validation_step(self, batch, batch_idx):
         if self.first_stage_key not in batch:
@@ -176,8 +192,9 @@ class LatentDiffusion(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
         params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.hparams.weight_decay,
-                                betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_eps)
+        config = self.optimizer_config or default_optimizer_config(
+            self.hparams.weight_decay, self.hparams.adam_betas, self.hparams.adam_eps)
+        opt = build_optimizer(params, self.learning_rate, config)
         if self.scheduler_config is None:
             return opt
         lr_lambda = instantiate_from_config(self.scheduler_config)

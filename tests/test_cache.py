@@ -47,11 +47,14 @@ class Losses(pl.Callback):
 
 
 def fit(model, dm, steps: int = 6, run_dir: Path | None = None) -> Losses:
+    import tempfile
+
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="cache-test-"))  # never the working directory
     pl.seed_everything(0, verbose=False)
     record = Losses()
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          callbacks=[record], enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(run_dir) if run_dir else None)
+                         default_root_dir=str(run_dir))
     trainer.fit(model, dm)
     return record
 

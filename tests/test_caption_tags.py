@@ -77,7 +77,7 @@ def test_it_pickles_for_dataloader_workers_and_draws_per_worker():
 
 
 def test_build_caption_transform_from_a_dataset_param():
-    assert build_caption_transform(None)(CAPTION) == CAPTION
+    assert build_caption_transform(None) is None  # captions as written
     built = build_caption_transform({"keep_first": 1, "shuffle": True, "dropout": 0.1})
     assert isinstance(built, TagShuffle) and (built.keep_first, built.dropout) == (1, 0.1)
     block = build_caption_transform({"target": "ldm.data.caption_tags.TagShuffle", "params": {"keep_first": 2}})
@@ -88,3 +88,21 @@ def test_build_caption_transform_from_a_dataset_param():
         TagShuffle(dropout=1.5)
     with pytest.raises(ConfigError, match="keep_first: expected a whole number"):
         TagShuffle(keep_first=-1)
+
+
+def test_datasets_shuffle_tags_each_time_an_item_is_read(tmp_path):
+    from PIL import Image
+
+    from ldm.data.datamodule import DataModuleFromConfig
+    from ldm.data.folder import FolderDataset
+    from ldm.util import ConfigError
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("sks dog, grass, sunny, photo, blue sky")
+    ds = FolderDataset(str(tmp_path), caption_tags={"keep_first": 1, "shuffle": True})
+    seen = {ds[0]["caption"] for _ in range(40)}
+    assert len(seen) > 5 and all(c.startswith("sks dog, ") for c in seen)
+    assert FolderDataset(str(tmp_path))[0]["caption"] == "sks dog, grass, sunny, photo, blue sky"
+    train = {"target": "ldm.data.folder.FolderDataset", "params": {"root": str(tmp_path), "caption_tags": {"dropout": 0.2}}}
+    with pytest.raises(ConfigError, match="changes its captions every epoch"):
+        DataModuleFromConfig(batch_size=1, train=train, cache_text_embeddings=True)

@@ -55,15 +55,15 @@ class TagShuffle:
                 f"separator={self.separator!r})")
 
 
-def identity(caption: str) -> str:
-    return caption
+def build_caption_transform(cfg: dict | Callable | None) -> Callable[[str], str] | None:
+    """A dataset's ``caption_tags`` param as a callable: ``None`` → None (captions are used as written, which a
+    text-embedding cache relies on); ``{keep_first, shuffle, dropout, separator, seed}`` → a ``TagShuffle``; a
+    ``{target, params}`` block → that class; a callable → itself."""
+    from ldm.config import to_container
 
-
-def build_caption_transform(cfg: dict | Callable | None) -> Callable[[str], str]:
-    """A dataset's ``caption_tags`` param as a callable: ``None`` → the caption unchanged; ``{keep_first, shuffle,
-    dropout, separator, seed}`` → a ``TagShuffle``; a ``{target, params}`` block → that class; a callable → itself."""
+    cfg = to_container(cfg)
     if cfg is None:
-        return identity
+        return None
     if callable(cfg):
         return cfg
     if not isinstance(cfg, dict):

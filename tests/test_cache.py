@@ -14,7 +14,7 @@ import ldm.data.cache as cache
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.util import ConfigError, instantiate_from_config
 from tests.conftest import TINY_MODEL
-from tests.test_buckets import write_shapes_folder
+from tests.test_buckets import dreambooth_block, write_shapes_folder
 
 BUCKETS = {"resolution": 32, "step": 8}
 
@@ -191,16 +191,7 @@ def test_hf_imagefolder_trains_bucketed_from_the_cache(tmp_path):
 
 
 def test_dreambooth_trains_from_cached_instance_and_class_images(folder, tmp_path):
-    from PIL import Image
-
-    classes = tmp_path / "class"
-    classes.mkdir()
-    for n in range(3):
-        Image.new("RGB", (32, 32), (n * 60, 90, 0)).save(classes / f"{n}.png")
-    train = {"target": "ldm.data.dreambooth.DreamBoothDataset",
-             "params": {"instance_data_dir": str(folder), "instance_prompt": "a photo of sks thing",
-                        "class_data_dir": str(classes), "class_prompt": "a photo of a thing", "num_class_images": 3,
-                        "check_identifier": False}}
+    train = dreambooth_block(folder, tmp_path)
     plain = fit(tiny_model(), DataModuleFromConfig(batch_size=2, num_workers=0, train=train, buckets=BUCKETS), steps=3)
     dm = DataModuleFromConfig(batch_size=2, num_workers=0, train=train, buckets=BUCKETS, cache_latents="memory",
                               cache_text_embeddings=True)

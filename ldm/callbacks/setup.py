@@ -1,6 +1,8 @@
 """Create the run directory and write the resolved configs into it before training starts."""
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -9,15 +11,18 @@ from pytorch_lightning.utilities import rank_zero_only
 
 
 class SetupCallback(pl.Callback):
-    """Writes ``<logdir>/configs/<now>-project.yaml`` (model + data) and ``<now>-lightning.yaml``.
+    """Writes ``<logdir>/configs/<now>-project.yaml`` (model + data) and ``<now>-lightning.yaml``, and appends the
+    command line (shell-quoted, after a ``# <now>`` line) to ``<logdir>/command.txt``.
 
-    A resumed run gets new files with its own timestamp, so the history of what was run is kept.
+    A resumed run gets new files with its own timestamp and new lines in ``command.txt``, so the history of what
+    was run is kept.
     """
 
     def __init__(self, logdir: str, now: str, config: dict, lightning_config: dict, resume: bool = False):
         super().__init__()
         self.logdir = Path(logdir)
         self.now, self.config, self.lightning_config, self.resume = now, config, lightning_config, resume
+        self._command_written = False
 
     @rank_zero_only
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -27,6 +32,10 @@ class SetupCallback(pl.Callback):
         OmegaConf.save(OmegaConf.create(self.config), cfgdir / f"{self.now}-project.yaml", resolve=True)
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}), cfgdir / f"{self.now}-lightning.yaml",
                        resolve=True)
+        if not self._command_written:  # setup runs again for trainer.test() after fit: one line per start
+            self._command_written = True
+            with open(self.logdir / "command.txt", "a") as f:
+                f.write(f"# {self.now}\npython {shlex.join(sys.argv)}\n")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # Scripts rebuild the model from the checkpoint alone (sampling, export), so it carries its config.

@@ -187,6 +187,21 @@ def test_a_failing_report_is_one_warning_not_a_crash(tmp_path, caplog, monkeypat
     assert "ZeroDivisionError" in caplog.records[0].getMessage() and not (tmp_path / "report.html").exists()
 
 
+def test_a_checkpoint_saved_after_the_write_is_shown_at_the_next_step(run, tmp_path):
+    """Lightning saves checkpoints after the other callbacks' hooks: the page follows at the next training step."""
+    copy = shutil.copytree(run, tmp_path / "run")
+    (copy / "checkpoints" / "scores.json").unlink()
+    report = RunReport(str(copy))
+    report.on_train_batch_start(fake_trainer(), None, None, 0)
+    report.on_validation_end(fake_trainer(), None)
+    report.on_train_batch_start(fake_trainer(), None, None, 1)  # nothing new: no rewrite
+    assert "after the validation at step 7" in (copy / "report.html").read_text()
+    (copy / "checkpoints" / "epoch=000004.ckpt").write_bytes(b"x")
+    report.on_train_batch_start(fake_trainer(global_step=8), None, None, 2)
+    html = (copy / "report.html").read_text()
+    assert "after the checkpoint before step 8" in html and 'data-file="epoch=000004.ckpt"' in html
+
+
 def test_disabled_writes_nothing(tmp_path):
     RunReport(str(tmp_path), disabled=True).on_fit_end(fake_trainer(), None)
     assert not (tmp_path / "report.html").exists()

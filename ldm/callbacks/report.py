@@ -34,6 +34,8 @@ class RunReport(pl.Callback):
         self.path = Path(logdir) / filename
         self.builder = ReportBuilder(logdir, embed_images=embed_images, max_px=max_px, max_frames=max_frames)
         self.disabled = disabled
+        self.checkpoints = Path(logdir) / "checkpoints"
+        self._checkpoints_seen: int | None = None  # the folder's mtime at the last write
         self.seconds = 0.0  # time spent in the last write, for tests and for anyone wondering what it costs
 
     @rank_zero_only
@@ -41,6 +43,7 @@ class RunReport(pl.Callback):
         if self.disabled:
             return
         start = time.perf_counter()
+        self._checkpoints_seen = self._checkpoints_stamp()
         try:
             for logger in trainer.loggers:
                 if isinstance(logger, CSVLogger):
@@ -54,6 +57,22 @@ class RunReport(pl.Callback):
         except Exception as err:  # a report must never stop (or replace the error of) a training run
             log.warning("run report not written to %s: %s: %s", self.path, type(err).__name__, err)
         self.seconds = time.perf_counter() - start
+
+    def _checkpoints_stamp(self) -> int:
+        # Checkpoints and scores.json are written by rename, so a new or replaced one changes the folder's mtime.
+        try:
+            return self.checkpoints.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    @rank_zero_only
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        # Lightning runs checkpoint callbacks after all others, so the checkpoint saved at a validation or an epoch
+        # end is missing from that write; one stat per step notices it and the page follows at the next step.
+        if self._checkpoints_seen is None:
+            self._checkpoints_seen = self._checkpoints_stamp()
+        elif not self.disabled and self._checkpoints_stamp() != self._checkpoints_seen:
+            self.write(trainer, f"after the checkpoint before step {trainer.global_step}")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:

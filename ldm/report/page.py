@@ -184,7 +184,7 @@ h1{margin-bottom:.2em} .meta{color:#666;font-size:.9em} .warn{color:#b00020;font
 section{border-top:1px solid #ddd;margin-top:1.5em} pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:.25em .6em} .num{text-align:right}
 tr.best{background:#e8f5e9;font-weight:600} .plot svg{max-width:100%;height:auto} .plot.small{display:inline-block;width:49%}
-.figures{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} figure img{max-width:100%;image-rendering:pixelated}
+.figures{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} figure img{max-width:100%}
 .grids figure img{max-height:360px} .slider{width:60%;vertical-align:middle} .strip{max-width:100%;overflow-x:auto}
 .strip img{max-width:none;height:96px}
 """

@@ -161,6 +161,17 @@ def test_a_rebuild_after_a_validation_takes_a_fraction_of_a_second(run, tmp_path
     assert cell(html, "val/loss") == 0.3
 
 
+def test_python_m_ldm_report_rewrites_a_run_dirs_page(run, tmp_path):
+    import subprocess
+    import sys
+    copy = shutil.copytree(run, tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "ldm.report", str(copy), "--embed"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = (copy / "report.html").read_text()
+    assert result.stdout.strip() == str(copy / "report.html") and "data:image/gif;base64," in html
+
+
 # ---- the callback ------------------------------------------------------------------------------------------------
 def fake_trainer(**extra):
     return SimpleNamespace(**{"loggers": [], "datamodule": None, "sanity_checking": False, "global_step": 7, **extra})

@@ -13,7 +13,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.report", description=__doc__.split(":")[0])
     parser.add_argument("run", type=Path, help="run directory (logs/<run>)")
     parser.add_argument("--embed", action="store_true", help="embed the images, so the one file can be sent around")
-    parser.add_argument("-o", "--out", type=Path, help="output file (default <run>/report.html); elsewhere, add --embed: image paths are relative to the run dir")
+    parser.add_argument("-o", "--out", type=Path,
+                        help="output file (default <run>/report.html); elsewhere add --embed, image paths being relative")
     args = parser.parse_args()
     if not args.run.is_dir():
         parser.error(f"{args.run} is not a directory")

@@ -98,7 +98,8 @@ class ReportBuilder:
         groups = rundir.metric_groups(frame)
         if not groups.other:
             return ""
-        svgs = "".join(f"<div class=\"plot small\">{svg}</div>" for svg in plots.demo_plots(self.cache, frame, groups).values())
+        svgs = plots.demo_plots(self.cache, frame, groups).values()
+        svgs = "".join(f"<div class=\"plot small\">{svg}</div>" for svg in svgs)
         return _section("demos", "Demo figures", _latest_table(frame, groups.other, "demo-latest") + svgs)
 
 
@@ -129,7 +130,7 @@ def _checkpoints(ckpts: dict) -> str:
     rows = []
     for row in ckpts["rows"]:
         best = row["file"] == ckpts["best"]
-        size = f"{row['size'] / 2**20:.1f} MB" if "size" in row else "missing"
+        size = _size(row["size"]) if "size" in row else "missing"
         mtime = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["mtime"])) if "mtime" in row else ""
         rows.append(f"<tr{' class=best' if best else ''} data-file=\"{escape(row['file'])}\">"
                     f"<td>{escape(row['file'])}{' ★ best' if best else ''}</td>"
@@ -147,9 +148,13 @@ def _skipped(skipped: dict[str, list[str]] | None) -> str:
     elif not skipped:
         body = "<p id=skipped-none>none: every image could be read</p>"
     else:
-        body = "".join(f"<h3>{escape(split)}: {len(files)}</h3><ul>{''.join(f'<li>{escape(f)}</li>' for f in files)}</ul>"
-                       for split, files in skipped.items())
+        items = {split: "".join(f"<li>{escape(f)}</li>" for f in files) for split, files in skipped.items()}
+        body = "".join(f"<h3>{escape(split)}: {len(skipped[split])}</h3><ul>{li}</ul>" for split, li in items.items())
     return _section("skipped", "Skipped files", body)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KB"
 
 
 def _num(value: float) -> str:
@@ -183,7 +188,8 @@ body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding
 h1{margin-bottom:.2em} .meta{color:#666;font-size:.9em} .warn{color:#b00020;font-weight:600}
 section{border-top:1px solid #ddd;margin-top:1.5em} pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:.25em .6em} .num{text-align:right}
-tr.best{background:#e8f5e9;font-weight:600} .plot svg{max-width:100%;height:auto} .plot.small{display:inline-block;width:49%}
+tr.best{background:#e8f5e9;font-weight:600} .plot svg{max-width:100%;height:auto}
+.plot.small{display:inline-block;width:49%}
 .figures{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} figure img{max-width:100%}
 .grids figure img{max-height:360px} .slider{width:60%;vertical-align:middle} .strip{max-width:100%;overflow-x:auto}
 .strip img{max-width:none;height:96px}

@@ -30,7 +30,8 @@ class SvgCache:
     def get(self, name: str, data: list, draw) -> str:
         digest = hashlib.sha1(name.encode())
         for item in data:
-            digest.update(item.to_numpy().tobytes() if isinstance(item, (pd.DataFrame, pd.Series)) else repr(item).encode())
+            is_frame = isinstance(item, (pd.DataFrame, pd.Series))
+            digest.update(item.to_numpy().tobytes() if is_frame else repr(item).encode())
         key = digest.hexdigest()
         svg = self._svgs.get(key) or _to_svg(draw(), salt=name)
         self._used[key] = svg

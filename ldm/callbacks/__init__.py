@@ -9,7 +9,7 @@ DEFAULT_TARGETS = {
     "setup_callback": "ldm.callbacks.setup.SetupCallback",
     "image_logger": "ldm.callbacks.image_logger.ImageLogger",
     "learning_rate_logger": "pytorch_lightning.callbacks.LearningRateMonitor",
-    "checkpoint": "pytorch_lightning.callbacks.ModelCheckpoint",
+    "checkpoint": "ldm.callbacks.checkpoints.RunCheckpoint",
     "nan_guard": "ldm.callbacks.faults.NaNGuard",
     "save_on_interrupt": "ldm.callbacks.faults.SaveOnInterrupt",
     "loss_curve": "ldm.callbacks.loss_curve.LossCurve",

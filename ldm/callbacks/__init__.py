@@ -13,6 +13,7 @@ DEFAULT_TARGETS = {
     "nan_guard": "ldm.callbacks.faults.NaNGuard",
     "save_on_interrupt": "ldm.callbacks.faults.SaveOnInterrupt",
     "loss_curve": "ldm.callbacks.loss_curve.LossCurve",
+    "progress": "ldm.callbacks.progress.ProgressFrames",  # off until params.every_n_steps is set
 }
 IMPLICIT_TARGETS = {f"lightning.callbacks.{name}": target for name, target in DEFAULT_TARGETS.items()}
 IMPLICIT_TARGETS["lightning.modelcheckpoint"] = DEFAULT_TARGETS["checkpoint"]

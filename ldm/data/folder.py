@@ -177,6 +177,8 @@ class FolderDataset(ImageCaptionDataset):
     Captions are read once here, so encoding warnings and caption-file errors come before training starts.
     """
 
+    splittable = True
+
     def __init__(
         self,
         root: str,
@@ -206,6 +208,10 @@ class FolderDataset(ImageCaptionDataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _select(self, indices: list[int]) -> None:
+        self.files = [self.files[i] for i in indices]
+        self.captions = [self.captions[i] for i in indices]
 
     def _record(self, i: int) -> tuple[ImageSource, str, str]:
         path = self.files[i]

@@ -82,6 +82,8 @@ def _load(name: str, split: str, data_dir: str | None, load_kwargs: dict[str, An
 class HFImageCaption(ImageCaptionDataset):
     """Rows of a ``datasets.Dataset`` as ``{"image", "caption"}`` items, with bad images skipped."""
 
+    splittable = True
+
     def __init__(self, ds: datasets.Dataset, name: str, image_column: str, text_column: str, transform,
                  sidecars: bool = False, caption_transform=None) -> None:
         super().__init__(transform, f"dataset {name!r}", caption_transform)
@@ -107,6 +109,10 @@ class HFImageCaption(ImageCaptionDataset):
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def _select(self, indices: list[int]) -> None:
+        self.from_sidecar = {new: self.from_sidecar[old] for new, old in enumerate(indices) if old in self.from_sidecar}
+        self.ds = self.ds.select(indices)
 
     def _record(self, i: int) -> tuple[ImageSource, str, str]:
         row = self.ds[i]

@@ -33,6 +33,9 @@ class LatentDiffusion(pl.LightningModule):
     ``rescale_betas_zero_snr``, ...) over the defaults for this model (``ldm.sampling.default_sampler_config``):
     every sampler of the image logger, the eval callbacks and the scripts is built from them, and checkpoints and
     exports record them. A diffusers folder's ``scheduler/scheduler_config.json`` arrives here whole.
+    ``val_timesteps`` (a count, evenly spaced over the schedule, or a list) are the timesteps ``val/loss`` is
+    measured at, each with the same noise for the same image at every validation (``ldm.models.diffusion``'s
+    ``validation_losses``), so the number moves only when the weights do.
     ``monitor`` is CompVis's key: the metric ``lightning.modelcheckpoint`` keeps its best checkpoints by when
     it sets ``save_top_k`` without a ``monitor`` of its own.
     Training options, all off by default (README "Training options"): ``noise_offset``, ``input_perturbation`` and
@@ -50,7 +53,8 @@ class LatentDiffusion(pl.LightningModule):
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss",
                  prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None,
                  noise_offset: float = 0.0, input_perturbation: float = 0.0, zero_terminal_snr: bool = False,
-                 optimizer_config: dict | None = None, ema_device: str | None = None, ema_update_every: int = 1):
+                 optimizer_config: dict | None = None, ema_device: str | None = None, ema_update_every: int = 1,
+                 val_timesteps: int | Sequence[int] = 5):
         super().__init__()
         self.save_hyperparameters()
         self.unet = self._build(unet_config, pretrained)
@@ -83,6 +87,20 @@ class LatentDiffusion(pl.LightningModule):
         self.learning_rate = 1e-4  # main.py sets the (possibly scaled) base_learning_rate
         self.monitor = monitor
         self._ema_step = -1
+        self.val_timesteps = self._val_timesteps(val_timesteps, timesteps)
+
+    @staticmethod
+    def _val_timesteps(given: int | Sequence[int], timesteps: int) -> list[int]:
+        if isinstance(given, int):
+            if given < 1:
+                raise ConfigError(f"model.params.val_timesteps: a count >= 1 or a list of timesteps, got {given}")
+            if given == 1:
+                return [(timesteps - 1) // 2]
+            return sorted({round(i * (timesteps - 1) / (given - 1)) for i in range(given)})  # no tensors: meta-safe
+        chosen = sorted({int(t) for t in given})
+        if not chosen or chosen[0] < 0 or chosen[-1] >= timesteps:
+            raise ConfigError(f"model.params.val_timesteps: {list(given)} must be timesteps in 0..{timesteps - 1}")
+        return chosen
 
     @staticmethod
     def _build(config: dict, pretrained: str | None):
@@ -130,7 +148,12 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---- parts that leave the accelerator when their outputs are cached ---------------------------------------
     def on_fit_start(self) -> None:
-        cached = getattr(self.trainer.datamodule, "cached_inputs", frozenset()) if self.trainer else frozenset()
+        # The DataModule's caches need these encoders on the device, and DreamBooth's class images, which
+        # callbacks make in their on_fit_start (they run before this hook): so they are filled from here.
+        data = self.trainer.datamodule if self.trainer else None
+        if hasattr(data, "prepare_caches"):
+            data.prepare_caches(self, self.device, self.trainer.default_root_dir)
+        cached = getattr(data, "cached_inputs", frozenset())
         self._offloaded = []
         if "text" in cached:
             with torch.no_grad():
@@ -179,14 +202,43 @@ class LatentDiffusion(pl.LightningModule):
             if self.model_ema.due(self.global_step):
                 self.model_ema.update(self.unet)
 
-    def validation_step(self, batch, batch_idx):
-        if self.first_stage_key not in batch:
+    @torch.no_grad()
+    def validation_losses(self, batch: dict, batch_idx: int = 0) -> dict[int, torch.Tensor]:
+        """``{timestep: mean loss}`` at :attr:`val_timesteps`, with noise (and the posterior draw) fixed per image.
+
+        Image ``i``'s draws come from a generator seeded with its dataset index (``batch["index"]``, which the
+        DataModule adds to validation items), so an image gets the same noise at every validation, in any batch,
+        after a resume and on any rank. The loss is the plain mean squared error of the prediction target."""
+        from ldm.sampling import noise
+
+        n = len(batch[self.cond_stage_key])
+        index = batch["index"].tolist() if "index" in batch else [batch_idx * n + i for i in range(n)]
+        generators = [torch.Generator().manual_seed(1_000_003 + int(i)) for i in index]
+        moments = batch.get(self.first_stage_key + "_moments")
+        if moments is None:
+            with self.parts_on_device(self.first_stage_model):
+                moments = self.first_stage_model.encode_moments(batch[self.first_stage_key].to(self.device))
+        z = self.first_stage_model.sample_moments(moments.to(self.device), generators)
+        eps = noise(z.shape, generators, z.device, z.dtype)
+        context = self.conditioning(batch)
+        losses = {}
+        for step in self.val_timesteps:
+            t = torch.full((n,), step, device=z.device, dtype=torch.long)
+            pred = self.denoise(self.schedule.add_noise(z, eps, t), t, context)
+            losses[step] = torch.nn.functional.mse_loss(pred.float(), self.schedule.target(z, eps, t).float())
+        return losses
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        if self.first_stage_key not in batch and self.first_stage_key + "_moments" not in batch:
             return None  # text-only validation batches are for the image logger
-        # A fixed generator per batch makes val/loss comparable across epochs.
-        gen = torch.Generator(device=self.device).manual_seed(batch_idx)
         with self.ema_scope():
-            loss = self.diffusion_loss(batch, generator=gen, train=False)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch[self.cond_stage_key]))
+            losses = self.validation_losses(batch, batch_idx)
+        n = len(batch[self.cond_stage_key])
+        kwargs = dict(on_epoch=True, sync_dist=True, batch_size=n, add_dataloader_idx=False)
+        for step, value in losses.items():
+            self.log(f"val/loss_t{step:04d}", value, **kwargs)
+        loss = torch.stack(list(losses.values())).mean()
+        self.log("val/loss", loss, prog_bar=True, **kwargs)
         return loss
 
     def configure_optimizers(self):

@@ -20,6 +20,7 @@ from ldm.report import ReportBuilder
 from tests.conftest import TINY_MODEL, main_py, run_dirs, write_train_yaml
 
 STEPS = (10, 20, 30)
+PROMPTS = ["a photo of a cat", "a red car"]
 COLORS = {10: (255, 0, 0), 20: (0, 255, 0), 30: (0, 0, 255)}
 
 
@@ -221,10 +222,12 @@ def test_disabled_writes_nothing(tmp_path):
 # ---- a real tiny run ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, image_folder) -> Path:
-    """6 steps of the tiny model (3 epochs of 2 batches), a validation and sample grids at the end of each epoch."""
+    """6 steps of the tiny model (3 epochs of 2 batches), a validation and sample grids at the end of each epoch,
+    progress frames of two prompts every 3 steps."""
     base = tmp_path_factory.mktemp("tiny")
+    progress = {"params": {"every_n_steps": 3, "prompts": PROMPTS, "steps": 2}}
     config_path = write_train_yaml(base / "train.yaml", image_folder, repeats=1, image_every=2,
-                                   trainer={"max_steps": 6})
+                                   trainer={"max_steps": 6}, callbacks={"progress": progress})
     config = yaml.safe_load(config_path.read_text())
     train = config["data"]["params"]["train"]
     config["data"]["params"]["validation"] = {"target": train["target"], "params": train["params"]}
@@ -245,6 +248,7 @@ def test_a_tiny_run_writes_its_report(tiny_run):
     with open(tiny_run / "metrics.csv") as f:
         vals = [float(r["val/loss"]) for r in csv.DictReader(f) if r["val/loss"]]
     assert len(vals) == 3 and math.isclose(cell(html, "val/loss"), vals[-1], rel_tol=1e-5)
+    assert all(f"<figcaption>{prompt}</figcaption>" in html for prompt in PROMPTS)
     assert not re.search(r'(src|href)="https?://', html)
 
 
@@ -322,3 +326,5 @@ def test_browser_opens_a_tiny_runs_report(browser, tiny_run):
     assert table and all(any(math.isclose(float(t), v, rel_tol=1e-5) for v in vals) for t in table)
     assert any(math.isclose(float(t), vals[-1], rel_tol=1e-5) for t in table)  # the last validation's checkpoint
     assert len(browser.find_elements("css selector", "#curves svg")) >= 2  # loss and learning rate
+    gifs = browser.find_elements("css selector", "#progress img")
+    assert len(gifs) == 4 and all(browser.execute_script("return arguments[0].naturalWidth", g) > 0 for g in gifs)

@@ -186,7 +186,7 @@ PAGE = """<!DOCTYPE html>
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} .meta{color:#666;font-size:.9em} .warn{color:#b00020;font-weight:600}
-section{border-top:1px solid #ddd;margin-top:1.5em} pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+section{border-top:1px solid #ddd;margin-top:1.5em} pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em} #command{white-space:pre-wrap}
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:.25em .6em} .num{text-align:right}
 tr.best{background:#e8f5e9;font-weight:600} .plot svg{max-width:100%;height:auto}
 .plot.small{display:inline-block;width:49%}

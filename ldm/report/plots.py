@@ -117,7 +117,9 @@ def timestep_plot(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups) ->
             data = series(frame, col)
             t = int(TIMESTEP_LOSS.match(col).group(1))
             ax.plot(data["step"], data[col], color=color, marker="o", markersize=3, linewidth=1.2, label=f"t = {t}")
-        ax.set_yscale("log")  # the loss at t near 0 is orders of magnitude below the loss at t near T
+        values = frame[cols].to_numpy()
+        if np.nanmin(values) > 0 and np.nanmax(values) > 10 * np.nanmin(values):
+            ax.set_yscale("log")  # a trained model's loss at t near 0 is orders of magnitude below the one near T
         return _finish(fig, ax, "validation loss")
 
     return cache.get("timesteps", [cols, frame[["step", *cols]]], draw)

@@ -102,7 +102,7 @@ def test_page_has_every_section_and_no_network_reference(run):
     assert "python main.py -t --base &#x27;my config.yaml&#x27;" in html and "max_steps: 30" in html
     assert html.count("<svg") == 4  # loss, per timestep, learning rate, digits
     assert "t = 999" in html and "t = 0<" in html  # one line per fixed timestep, from the val/loss_t<T> columns
-    assert "validation loss rising since step 30" in html and "broken.jpg" in html
+    assert "validation loss not improving since step 30" in html and "broken.jpg" in html
     assert 'src="progress/a-red-car.gif"' in html and "a red car" in html and 'src="progress/a-red-car_strip.png"' in html
 
 

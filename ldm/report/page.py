@@ -53,7 +53,7 @@ class ReportBuilder:
                 ("Learning rate", plots.lr_plot(self.cache, frame, groups), "no lr-* columns in metrics.csv")):
             parts.append(f"<h3>{title}</h3>" + (f"<div class=plot>{svg}</div>" if svg else f"<p>{missing}</p>"))
         if overfitting:
-            parts.insert(0, f"<p class=warn id=overfitting>validation loss rising since step "
+            parts.insert(0, f"<p class=warn id=overfitting>validation loss not improving since step "
                             f"{overfitting['since_step']}; best checkpoint {escape(str(overfitting.get('best')))} "
                             f"(step {overfitting.get('best_step')})</p>")
         cols = groups.train_loss + groups.val_loss + groups.timestep_loss + groups.lr
@@ -67,7 +67,8 @@ class ReportBuilder:
         data, parts = {}, []
         for split, grids in found.items():
             steps = _thin(grids.steps, self.max_frames)
-            frames = {name: {str(s): self.source(path) for s, path in by_step.items() if s in steps}
+            shown = set(steps)
+            frames = {name: {str(s): self.source(path) for s, path in by_step.items() if s in shown}
                       for name, by_step in grids.groups.items()}
             data[split] = {"steps": steps, "epochs": {str(s): grids.epochs[s] for s in steps}, "groups": frames}
             last = steps[-1]

@@ -95,7 +95,7 @@ def loss_plot(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups, overfi
                 ax.plot(data["step"], data[col], color=color, marker="o", markersize=3, linewidth=1.2, label=col)
         if overfitting:
             ax.axvline(overfitting["since_step"], color="crimson", linestyle="--", linewidth=1,
-                       label=f"val loss rising since step {overfitting['since_step']}")
+                       label=f"val loss not improving since step {overfitting['since_step']}")
             if overfitting.get("best_step") is not None:
                 ax.axvline(overfitting["best_step"], color="seagreen", linestyle=":", linewidth=1.2,
                            label=f"best: {overfitting.get('best')} (step {overfitting['best_step']})")

@@ -29,9 +29,11 @@ class ReportBuilder:
         sections = [self._command(), self._curves(frame, ckpts["overfitting"]), _checkpoints(ckpts),
                     self._grids(), self._progress(), self._demos(frame), _skipped(skipped)]
         self.cache.end_build()
-        last = "" if frame is None or frame.empty else f" · last logged step {int(frame['step'].max())}"
-        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        head = f"<h1>{escape(self.run.name)}</h1><p class=meta>{escape(status)}{last} · written {stamp}</p>"
+        meta = [status] if status else []
+        if frame is not None and not frame.empty:
+            meta.append(f"last logged step {int(frame['step'].max())}")
+        meta.append(f"written {datetime.now():%Y-%m-%d %H:%M:%S}")
+        head = f"<h1>{escape(self.run.name)}</h1><p class=meta>{escape(' · '.join(meta))}</p>"
         return PAGE.format(title=escape(self.run.name), style=STYLE, body=head + "".join(sections), script=SCRIPT)
 
     def _command(self) -> str:

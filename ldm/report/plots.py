@@ -63,6 +63,11 @@ def _figure(width: float = 7.5, height: float = 3.6):
     return fig, ax
 
 
+def _logged(frame: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """The rows where any of ``cols`` was logged: what a plot shows, so a row of other metrics keeps it cached."""
+    return frame[["step", *cols]].dropna(subset=cols, how="all")
+
+
 def _thin(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[:: max(1, len(frame) // MAX_POINTS)]
 
@@ -71,7 +76,9 @@ def _finish(fig: Figure, ax, ylabel: str) -> Figure:
     ax.set_ylabel(ylabel)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
+    # Fixed margins in inches (room for tick labels like 5.0e-05): tight_layout would draw the figure twice.
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.95 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.3 / height)
     return fig
 
 
@@ -101,7 +108,7 @@ def loss_plot(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups, overfi
                            label=f"best: {overfitting.get('best')} (step {overfitting['best_step']})")
         return _finish(fig, ax, "loss")
 
-    return cache.get("loss", [cols, frame[["step", *cols]], overfitting], draw)
+    return cache.get("loss", [cols, _logged(frame, cols), overfitting], draw)
 
 
 def timestep_plot(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups) -> str | None:
@@ -122,7 +129,7 @@ def timestep_plot(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups) ->
             ax.set_yscale("log")  # a trained model's loss at t near 0 is orders of magnitude below the one near T
         return _finish(fig, ax, "validation loss")
 
-    return cache.get("timesteps", [cols, frame[["step", *cols]]], draw)
+    return cache.get("timesteps", [cols, _logged(frame, cols)], draw)
 
 
 def lr_plot(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups) -> str | None:
@@ -136,7 +143,7 @@ def lr_plot(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups) -> str |
             ax.plot(data["step"], data[col], color=f"C{i}", linewidth=1.4, label=col)
         return _finish(fig, ax, "learning rate")
 
-    return cache.get("lr", [groups.lr, frame[["step", *groups.lr]]], draw)
+    return cache.get("lr", [groups.lr, _logged(frame, groups.lr)], draw)
 
 
 def demo_plots(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups) -> dict[str, str]:
@@ -153,6 +160,6 @@ def demo_plots(cache: SvgCache, frame: pd.DataFrame, groups: MetricGroups) -> di
                 ax.plot(data["step"], data[col], color=f"C{i}", marker="o", markersize=2.5, linewidth=1.2, label=col)
             return _finish(fig, ax, prefix)
 
-        plots[prefix] = cache.get(f"demo-{prefix}", [cols, frame[["step", *cols]]], draw)
+        plots[prefix] = cache.get(f"demo-{prefix}", [cols, _logged(frame, cols)], draw)
     return plots
 

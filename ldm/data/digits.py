@@ -125,16 +125,23 @@ class DigitsDataset(Dataset):
         channels: 1 for a pixel-space model on gray images, 3 for an RGB first stage.
         caption_template: see :func:`digit_caption`.
         val_fraction, seed: the stratified split (same values → same split everywhere).
+        per_class: keep only the first ``per_class`` digits of each class (a small training set, to see overfitting).
     """
 
     def __init__(self, split: str = "train", size: int = 8, channels: int = 1,
-                 caption_template: str = "a handwritten digit {digit}", val_fraction: float = 0.1, seed: int = 0):
+                 caption_template: str = "a handwritten digit {digit}", val_fraction: float = 0.1, seed: int = 0,
+                 per_class: int | None = None):
         if size < 8:
             raise ConfigError(f"DigitsDataset: size must be >= 8 (the native resolution), got {size}")
         if channels not in (1, 3):
             raise ConfigError(f"DigitsDataset: channels must be 1 or 3, got {channels}")
         self.split, self.digits_split = split, DigitsSplit(val_fraction, seed)
         images, self.labels = self.digits_split.digits(split)
+        if per_class is not None:
+            if int(per_class) < 1:
+                raise ConfigError(f"DigitsDataset: per_class must be >= 1, got {per_class}")
+            keep = np.concatenate([np.flatnonzero(self.labels == k)[:int(per_class)] for k in range(10)])
+            images, self.labels = images[np.sort(keep)], self.labels[np.sort(keep)]
         self.images = to_model_range(images, size, channels)
         self.captions = [digit_caption(int(k), caption_template) for k in self.labels]
 

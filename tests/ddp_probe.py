@@ -34,7 +34,8 @@ class Probe(pl.Callback):
     def __init__(self, out_dir: str):
         super().__init__()
         self.out_dir = Path(out_dir)
-        self.record = {"steps": [], "grad_hashes": [], "weight_hashes": [], "captions": [], "written": []}
+        self.record = {"steps": [], "grad_hashes": [], "weight_hashes": [], "captions": [], "shapes": [],
+                       "written": []}
         # main.py sets the run dir before building callbacks, in every process; hooking here (not in setup)
         # also sees what SetupCallback writes. An audit hook cannot be removed; it only appends to a list.
         self._run_dir = os.path.abspath(os.environ["SD_FINETUNE_RUN_DIR"])
@@ -65,6 +66,8 @@ class Probe(pl.Callback):
         self.record["steps"].append(trainer.global_step)
         self.record["weight_hashes"].append(tensor_hash(self._trainable(pl_module)))
         self.record["captions"].append(list(batch["caption"]))
+        pixels = batch.get("image", batch.get("image_moments"))
+        self.record["shapes"].append(list(pixels.shape))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,22 @@ def test_output_size_is_the_size_validation_prompts_are_sampled_at():
         TextOnly(["a cat"], output_size=30)
 
 
+def test_validation_prompts_and_the_image_logger_sample_at_several_sizes():
+    prompts = TextOnly(["a cat", "a dog"], output_size=[[16, 16], [16, 24], [24, 16]])
+    assert len(prompts) == 6
+    assert [prompts[i]["seed"] for i in range(3)] == [0, 0, 0]  # every size of a prompt with its seed
+    batch = next(iter(DataLoader(prompts, batch_size=6)))
+    images = tiny_model().log_images(batch, n=6, steps=1)
+    assert {k: tuple(v.shape) for k, v in images.items()} == {
+        "samples_cfg3_16x16": (2, 3, 16, 16), "samples_cfg3_24x16": (2, 3, 16, 24), "samples_cfg3_16x24": (2, 3, 24, 16)}
+    one = next(iter(DataLoader(TextOnly(["a cat"]), batch_size=1)))
+    logged = tiny_model().log_images(one, n=1, steps=1, sizes=[[16, 24], [24, 16]])
+    assert sorted(logged) == ["samples_cfg3_16x24", "samples_cfg3_24x16"]
+    with pytest.raises(ConfigError, match="image_logger.sizes"):
+        from ldm.callbacks.image_logger import ImageLogger
+        ImageLogger("/tmp", sizes=[[30, 16]])
+
+
 def test_monitor_is_the_metric_top_k_checkpoints_are_kept_by(tmp_path):
     config = {"model": {"params": {"monitor": "val/loss_ema"}}}
     keep = {"modelcheckpoint": {"params": {"save_top_k": 2}}}

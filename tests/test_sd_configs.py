@@ -126,6 +126,22 @@ def test_recipe_data_sections_instantiate_on_local_folders(tmp_path):
     assert captions[0] == "a picture of astronaut" and data.datasets["train"][3]["image"].shape == (3, 512, 512)
 
 
+def test_simpsons_buckets_recipe_trains_bucketed_from_the_caches(tmp_path):
+    """configs/simpsons-buckets.yaml's data section as written, at the tiny model's scale (32 px budget)."""
+    folder = write_imagefolder(tmp_path / "sp", True)
+    cfg = merge_configs([ROOT / "configs/simpsons-buckets.yaml"], [
+        f"data.params.train.params.root={folder}", "data.params.buckets.resolution=32", "data.params.buckets.step=8",
+        f"data.params.cache_dir={tmp_path / 'cache'}", "data.params.num_workers=0"])
+    data = instantiate_from_config(cfg.data)
+    assert data.buckets["max_aspect"] == 2.0 and data.cache_latents == "disk" and data.cache_text_embeddings
+    data.prepare_train(build(TINY), torch.device("cpu"))
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image_moments"].shape[1] == 8 and batch["caption_context"].shape[1:] == (77, 32)
+    assert data.cached_inputs == {"latents", "text"}
+    sizes = {tuple(data.datasets["validation"][i][k] for k in ("height", "width")) for i in range(3)}
+    assert sizes == {(512, 512), (384, 640), (640, 384)}
+
+
 # ---- the tiny pipeline folder ---------------------------------------------------------------------------
 def test_make_tiny_sd_writes_a_pipeline_folder_diffusers_loads_offline(tiny_folder):
     from diffusers import PNDMScheduler, StableDiffusionPipeline

@@ -108,3 +108,26 @@ def test_image_variations_train_from_shards_through_main(tmp_path):
                 "-l", tmp_path / "logs", "-n", "shards")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run_dirs(tmp_path / "logs")[0] / "checkpoints" / "last.ckpt").exists()
+
+
+def test_streamed_images_are_bucketed_on_the_fly_in_whole_batches(tmp_path):
+    root = tmp_path / "shapes"
+    root.mkdir()
+    shapes = [(48, 24), (24, 48), (32, 32)]
+    for s in range(2):
+        with tarfile.open(root / f"shard-{s:06d}.tar", "w") as tar:
+            for i in range(9):
+                buf = io.BytesIO()
+                Image.new("RGB", shapes[(s + i) % 3], (i, i, i)).save(buf, format="PNG")
+                add(tar, f"{s}{i:05d}.png", buf.getvalue())
+                add(tar, f"{s}{i:05d}.txt", f"sample {s}-{i}".encode())
+    train = {"target": "ldm.data.tar_shards.TarShards", "params": {"urls": str(root / "*.tar"), "shuffle_buffer": 4}}
+    for workers in (0, 2):
+        dm = DataModuleFromConfig(batch_size=3, train=train, num_workers=workers, buckets={"resolution": 32, "step": 8})
+        dm.prepare_train()
+        batches = list(dm.train_dataloader())
+        assert len(batches) == 18 // 3  # whole batches only, the same number from every reader
+        assert {tuple(b["image"].shape[-2:]) for b in batches} == {(24, 40), (40, 24), (32, 32)}
+        assert all(b["image"].shape[0] == 3 and "crop_top_left" in b for b in batches)
+    with pytest.raises(ConfigError, match="is streamed"):
+        DataModuleFromConfig(batch_size=3, train=train, cache_latents="memory")

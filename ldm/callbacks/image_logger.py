@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.outputs import image_grid
+from ldm.util import ConfigError
 
 MIN_TILE = 64  # grid tiles smaller than this are enlarged (nearest neighbour), so 8-pixel demo samples are visible
 
@@ -16,6 +17,7 @@ class ImageLogger(pl.Callback):
     """Log image grids every ``batch_frequency`` training steps and for the first ``max_val_batches`` validation
     batches (including text-only prompt batches, each sampled with its own fixed seed).
 
+    ``sizes`` (``[[h, w], ...]``) samples every logged batch at each size, one grid per size (``samples_cfg3_640x384``).
     Sampling settings (``sampler``, ``steps``, ``guidance_scale``, ``negative_prompt``, ``eta``) default to a fast
     50-step DDIM; samples use EMA weights when the model is configured to. Grids go to
     ``<logdir>/images/{train,val}/{key}_gs-{step:06}_e-{epoch:06}_b-{batch:06}.png`` and to TensorBoard and
@@ -25,7 +27,7 @@ class ImageLogger(pl.Callback):
     def __init__(self, logdir: str, batch_frequency: int = 500, max_images: int = 4, nrow: int | None = None,
                  log_first_step: bool = False, log_on_validation: bool = True, max_val_batches: int = 4,
                  sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0, negative_prompt: str = "",
-                 eta: float = 0.0, size: int | None = None, disabled: bool = False):
+                 eta: float = 0.0, size: int | None = None, sizes: list | None = None, disabled: bool = False):
         super().__init__()
         self.logdir = Path(logdir)
         self.batch_frequency, self.max_images, self.nrow = batch_frequency, max_images, nrow
@@ -34,6 +36,12 @@ class ImageLogger(pl.Callback):
                               "negative_prompt": negative_prompt, "eta": eta}
         if size is not None:
             self.sample_kwargs["size"] = size
+        if sizes:  # e.g. [[512, 512], [384, 640], [640, 384]]: one grid per size, for bucketed training
+            for value in sizes:
+                pair = [value] * 2 if isinstance(value, int) else list(value)
+                if len(pair) != 2 or any(int(v) % 8 for v in pair):
+                    raise ConfigError(f"image_logger.sizes: {value!r} is not a size [height, width] of multiples of 8")
+            self.sample_kwargs["sizes"] = [list(v) if not isinstance(v, int) else [v, v] for v in sizes]
         self.disabled = disabled
         self._last_step = -1
 

@@ -9,6 +9,9 @@ Example::
       target: ldm.data.datamodule.DataModuleFromConfig
       params:
         batch_size: 4
+        buckets: {resolution: 512}    # aspect-ratio buckets (ldm.data.buckets); off when absent
+        cache_latents: disk           # encode each image once (ldm.data.cache); memory | disk | false
+        cache_text_embeddings: true   # encode each caption once with the frozen text encoder
         train:
           target: ldm.data.folder.FolderDataset
           repeats: 20          # a 10-image folder then gives 200 items per epoch
@@ -28,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.config import to_container
+from ldm.data.buckets import CROPS, RESIZE_FILTERS, SMALL_BUCKETS, BucketCrop, BucketSampler, assign_buckets, bucket_sizes
 from ldm.data.images import ImageCaptionDataset
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -50,6 +54,43 @@ class Repeated(Dataset):
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+BUCKET_KEYS = {"resolution": 512, "step": 64, "max_aspect": 2.0, "crop": "center", "resize_filter": "bicubic",
+               "small_buckets": "merge"}
+# A bucket decides the size; a transform that resizes or crops afterwards would undo it.
+SIZE_TRANSFORMS = ("Resize", "CenterCrop", "RandomCrop", "RandomResizedCrop", "FiveCrop", "TenCrop", "Pad")
+CACHE_MODES = {False: None, None: None, True: "disk", "disk": "disk", "memory": "memory"}
+
+
+def bucket_settings(given: Mapping | None) -> dict | None:
+    """``data.params.buckets`` with defaults, checked: every key known, values in range."""
+    if not given:
+        return None
+    given = dict(to_container(given))
+    unknown = sorted(set(given) - set(BUCKET_KEYS))
+    if unknown:
+        raise ConfigError(f"data.params.buckets: unknown key(s) {unknown}; known: {sorted(BUCKET_KEYS)}")
+    spec = {**BUCKET_KEYS, **given}
+    bucket_sizes(int(spec["resolution"]), int(spec["step"]), float(spec["max_aspect"]))  # raises on bad values
+    for key, allowed in (("crop", CROPS), ("small_buckets", SMALL_BUCKETS), ("resize_filter", tuple(RESIZE_FILTERS))):
+        if spec[key] not in allowed:
+            raise ConfigError(f"data.params.buckets.{key} must be one of {list(allowed)}, got {spec[key]!r}")
+    return spec
+
+
+def unwrap(dataset: Dataset) -> tuple[Dataset, int]:
+    return (dataset.dataset, dataset.repeats) if isinstance(dataset, Repeated) else (dataset, 1)
+
+
+def image_datasets(dataset: Dataset) -> list[ImageCaptionDataset]:
+    """The image datasets an item draws from (DreamBooth: instance and class images)."""
+    inner = dataset
+    while not isinstance(inner, ImageCaptionDataset) and isinstance(getattr(inner, "dataset", None), Dataset):
+        inner = inner.dataset  # through Repeated and CachedDataset
+    if isinstance(inner, ImageCaptionDataset):
+        return [inner]
+    return [d for d in (getattr(inner, "instance", None), getattr(inner, "classes", None)) if d is not None]
 
 
 def build_dataset(split: str, cfg: Mapping[str, Any]) -> Dataset:
@@ -90,6 +131,11 @@ class DataModuleFromConfig(pl.LightningDataModule):
         shuffle: bool = True,
         val_batch_size: int | None = None,
         pin_memory: bool | None = None,
+        buckets: Mapping | None = None,
+        cache_latents: bool | str = False,
+        cache_text_embeddings: bool = False,
+        cache_dir: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if train is None and validation is None and test is None:
@@ -104,6 +150,18 @@ class DataModuleFromConfig(pl.LightningDataModule):
             for split, cfg in (("train", train), ("validation", validation), ("test", test))
             if cfg is not None
         }
+        self.buckets = bucket_settings(buckets)
+        if cache_latents not in CACHE_MODES:
+            raise ConfigError(f"data.params.cache_latents must be one of memory, disk, true, false; got {cache_latents!r}")
+        self.cache_latents = CACHE_MODES[cache_latents]
+        self.cache_text_embeddings = bool(cache_text_embeddings)
+        self.cache_dir = cache_dir
+        self.seed = seed
+        self.groups: list[int] | None = None  # bucket of every training item, once setup() has read the sizes
+        self.cached_inputs: frozenset[str] = frozenset()  # "latents", "text": what batches carry ready-made
+        self._prepared = False
+        if (self.buckets or self.cache_latents or self.cache_text_embeddings) and "train" in self.datasets:
+            self._check_train_supports_preparation(train)
         # Lightning decides whether to run validation/testing by whether these hooks exist (CompVis does the same).
         if "train" in self.datasets:
             self.train_dataloader = self._train_dataloader
@@ -112,7 +170,86 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if "test" in self.datasets:
             self.test_dataloader = self._test_dataloader
 
+    def _check_train_supports_preparation(self, cfg: Mapping) -> None:
+        inner = unwrap(self.datasets["train"])[0]
+        wanted = [k for k, on in (("buckets", self.buckets), ("cache_latents", self.cache_latents),
+                                  ("cache_text_embeddings", self.cache_text_embeddings)) if on]
+        if isinstance(inner, IterableDataset):
+            if self.cache_latents or self.cache_text_embeddings:
+                raise ConfigError(f"data.params.{wanted[-1]}: the train dataset {to_container(cfg).get('target')} is "
+                                  "streamed, so there is nothing to look cached items up by; turn the cache off")
+            if not hasattr(inner, "use_stream_buckets"):
+                raise ConfigError(f"data.params.buckets: the streamed train dataset {to_container(cfg).get('target')} "
+                                  "does not support buckets")
+        elif not (hasattr(inner, "slots") and hasattr(inner, "use_buckets")):
+            raise ConfigError(f"data.params.{wanted[0]}: the train dataset {to_container(cfg).get('target')} does not "
+                              "support it (folder, hf_dataset and DreamBooth datasets do)")
+        for ds in image_datasets(inner):
+            if self.buckets:
+                resizing = [type(t).__name__ for t in getattr(ds.transform, "transforms", [])
+                            if type(t).__name__ in SIZE_TRANSFORMS]
+                if resizing:
+                    raise ConfigError(f"data.params.buckets: {ds.description} has image_transforms {resizing}; buckets "
+                                      "resize and crop each image to its bucket, so remove them")
+            if self.cache_text_embeddings and ds.caption_transform is not None:
+                raise ConfigError(f"data.params.cache_text_embeddings: {ds.description} changes its captions every "
+                                  "epoch (caption_tags); cached embeddings would freeze one version: turn one off")
+
+    # ---- buckets and caches, once the model and the processes exist ---------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self._prepared or "train" not in self.datasets:
+            return
+        self._prepared = True
+        trainer = getattr(self, "trainer", None)
+        model = trainer.lightning_module if trainer is not None else None
+        self.prepare_train(model, trainer.strategy.root_device if trainer is not None else None,
+                           trainer.default_root_dir if trainer is not None else None)
+
+    def prepare_train(self, model=None, device: torch.device | None = None, run_dir: str | None = None) -> None:
+        """Read image sizes and assign buckets, then fill the caches (they need the model's encoders)."""
+        from ldm.data.cache import rank_and_world
+
+        inner, repeats = unwrap(self.datasets["train"])
+        is_zero = rank_and_world()[0] == 0
+        if self.buckets:
+            spec = self.buckets
+            multiple = model.size_multiple() if model is not None else 1
+            if int(spec["step"]) % multiple:
+                raise ConfigError(f"data.params.buckets.step {spec['step']} must be a multiple of {multiple} (the "
+                                  "model's pixels per latent cell times its UNet's downsampling)")
+            sizes = bucket_sizes(int(spec["resolution"]), int(spec["step"]), float(spec["max_aspect"]))
+            crop = BucketCrop(spec["crop"], spec["resize_filter"])
+            if isinstance(inner, IterableDataset):
+                inner.use_stream_buckets(sizes, crop, self.batch_size)
+                if is_zero:
+                    print(f"aspect-ratio buckets, chosen per image as the shards stream: "
+                          f"{', '.join(f'{w} x {h}' for h, w in sizes)} (width x height)")
+                return
+            assignment = assign_buckets(inner.image_sizes(), sizes, self.batch_size, repeats, spec["small_buckets"])
+            inner.use_buckets([assignment.target(i) for i in range(len(inner))], crop)
+            self.groups = [assignment.of_image[i % len(inner)] for i in range(len(self.datasets["train"]))]
+            if is_zero:
+                print(f"aspect-ratio buckets (resolution {spec['resolution']}, step {spec['step']}, max aspect "
+                      f"{spec['max_aspect']}, {spec['small_buckets']} small buckets):\n" + assignment.table(self.batch_size))
+        if self.cache_latents or self.cache_text_embeddings:
+            if model is None:
+                raise ConfigError("cache_latents / cache_text_embeddings need the model: call prepare_train(model)")
+            from ldm.data.cache_setup import cached_dataset
+
+            cached, self.cached_inputs = cached_dataset(self, inner, model, device or model.device, run_dir)
+            self.datasets["train"] = Repeated(cached, repeats) if repeats > 1 else cached
+
+    def _seed(self) -> int:
+        return int(self.seed if self.seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split == "train" and self.groups is not None:
+            trainer = getattr(self, "trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = BucketSampler(self.groups, batch_size, self._seed(), shuffle, world, rank)
+            return DataLoader(self.datasets[split], batch_size=batch_size, sampler=sampler, drop_last=False,
+                              num_workers=self.num_workers, pin_memory=self.pin_memory,
+                              persistent_workers=self.num_workers > 0)
         return DataLoader(
             self.datasets[split],
             batch_size=batch_size,
@@ -138,8 +275,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         """``{split: [file, ...]}`` of images skipped so far by any process, for splits that skipped any."""
         report = {}
         for split, dataset in self.datasets.items():
-            inner = dataset.dataset if isinstance(dataset, Repeated) else dataset
-            files = inner.skipped_files if isinstance(inner, ImageCaptionDataset) else []
+            files = sorted({f for ds in image_datasets(dataset) for f in ds.skipped_files})
             if files:
                 report[split] = files
         return report

@@ -140,12 +140,43 @@ class DreamBoothDataset(Dataset):
         n = len(self.instance)
         return max(n, len(self.classes)) if self.with_prior_preservation else n
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.instance[i % len(self.instance)]
+    def _check_classes(self) -> None:
+        if not self.classes.files:
+            raise RuntimeError(f"DreamBoothDataset: class_data_dir '{self.class_data_dir}' holds no images; add the "
+                               "ldm.callbacks.dreambooth.ClassImages callback to generate them")
+
+    # ---- buckets and caches: an item's bucket is its instance photo's; the class example is cropped to it -----
+    targets: list | None = None
+
+    def image_sizes(self) -> list:
+        sizes = self.instance.image_sizes()
+        return [sizes[i % len(self.instance)] for i in range(len(self))]
+
+    def use_buckets(self, targets, crop) -> None:
+        self.targets = list(targets) if targets is not None else None
+        self.instance.bucket_crop = self.classes.bucket_crop = crop
+
+    def slots(self, i: int) -> dict[str, tuple[ImageCaptionDataset, int]]:
+        """Which image of which set fills each image key of item ``i``."""
+        slots = {"image": (self.instance, i % len(self.instance))}
         if self.with_prior_preservation:
-            if not self.classes.files:
-                raise RuntimeError(f"DreamBoothDataset: class_data_dir '{self.class_data_dir}' holds no images; add the "
-                                   "ldm.callbacks.dreambooth.ClassImages callback to generate them")
-            example = self.classes[i % len(self.classes)]
+            self._check_classes()
+            slots["class_image"] = (self.classes, i % len(self.classes))
+        return slots
+
+    def captions_of(self, i: int) -> dict[str, str]:
+        out = {"caption": self.instance_prompt}
+        if self.with_prior_preservation:
+            out["class_caption"] = self.class_prompt
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        target = self.targets[i] if self.targets is not None else None
+        slots = self.slots(i)
+        ds, j = slots["image"]
+        item = ds.item(j, target)
+        if "class_image" in slots:
+            ds, j = slots["class_image"]
+            example = ds.item(j, target)
             item = {**item, "class_image": example["image"], "class_caption": example["caption"]}
         return item

@@ -17,6 +17,7 @@ import weakref
 from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
@@ -89,6 +90,39 @@ def load_rgb(src: ImageSource, name: str | None = None) -> Image.Image:
             opened.close()
 
 
+_TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def peek_size(src: ImageSource) -> tuple[int, int] | None:
+    """``(width, height)`` of the upright image from its header alone (no decoding), or None when unreadable."""
+    try:
+        if isinstance(src, Image.Image):
+            return src.size
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+            w, h = img.size
+            try:
+                turned = img.getexif().get(0x0112) in _TURNED
+            except Exception:  # a malformed EXIF block: load_rgb keeps the picture as stored too
+                turned = False
+        return (h, w) if turned else (w, h)
+    except Exception:
+        return None
+
+
+def source_identity(src: ImageSource, name: str) -> str:
+    """What changes when the image does: path + size + mtime for files, a content hash for bytes."""
+    if isinstance(src, (str, os.PathLike)):
+        st = os.stat(src)
+        return f"{os.path.realpath(src)}|{st.st_size}|{st.st_mtime_ns}"
+    if isinstance(src, io.BytesIO):
+        src = src.getvalue()
+    if isinstance(src, bytes):
+        return f"{name}|sha1:{hashlib.sha1(src).hexdigest()}"
+    if isinstance(src, Image.Image):
+        return f"{name}|sha1:{hashlib.sha1(src.tobytes()).hexdigest()}"
+    raise TypeError(f"no identity for image source {type(src).__name__} ({name})")
+
+
 def _remove_dir(path: str, owner_pid: int) -> None:
     if os.getpid() == owner_pid:
         shutil.rmtree(path, ignore_errors=True)
@@ -139,12 +173,20 @@ class ImageCaptionDataset(Dataset):
 
     Subclasses implement ``__len__`` and ``_record(i) -> (image source, display name, caption)``.
     A bad item is replaced by the next readable index so batches keep their size.
+
+    With aspect-ratio buckets (``use_buckets``, called by the DataModule) item ``i`` is first resized and cropped
+    to its bucket ``targets[i]`` (the replacement of a bad item too, so a batch keeps one size) and also carries
+    ``original_size`` and ``crop_top_left`` (``(h, w)`` and ``(top, left)``).
     """
 
-    def __init__(self, transform: Callable[[Image.Image], Any], description: str) -> None:
+    def __init__(self, transform: Callable[[Image.Image], Any], description: str,
+                 caption_transform: Callable[[str], str] | None = None) -> None:
         self.transform = transform
+        self.caption_transform = caption_transform
         self.description = description
         self.skip_log = SkipLog()
+        self.targets: list[tuple[int, int]] | None = None
+        self.bucket_crop = None
 
     def _record(self, i: int) -> tuple[ImageSource, str, str]:
         raise NotImplementedError
@@ -165,11 +207,56 @@ class ImageCaptionDataset(Dataset):
             self.skip_log.add(name, str(err))
             return None
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    # ---- buckets and caches (ldm.data.buckets, ldm.data.cache) ----------------------------------------------
+    def image_sizes(self) -> list[tuple[int, int] | None]:
+        """``(width, height)`` of every item's upright image from the file headers (None where unreadable)."""
+        from tqdm import tqdm
+
+        return [peek_size(self._record(i)[0]) for i in tqdm(range(len(self)), desc=f"image sizes of {self.description}",
+                                                           disable=len(self) < 1000, leave=False)]
+
+    def use_buckets(self, targets: list[tuple[int, int]] | None, crop) -> None:
+        """Serve item ``i`` at ``targets[i]`` (h, w), resized and cropped by ``crop`` (a ``BucketCrop``)."""
+        self.targets, self.bucket_crop = (list(targets), crop) if targets is not None else (None, None)
+
+    def identity(self, i: int) -> str:
+        """A string that changes when item ``i``'s image file does (for cache keys)."""
+        src, name, _ = self._record(i)
+        return source_identity(src, name)
+
+    def caption_of(self, i: int) -> str:
+        caption = self._record(i)[2]
+        return self.caption_transform(caption) if self.caption_transform else caption
+
+    def picture(self, i: int, target: tuple[int, int] | None, transform: Callable | None = None) -> dict | None:
+        """Item ``i``'s image through the bucket crop and ``transform`` (default: the dataset's), or None if bad."""
+        src, name, _ = self._record(i)
+        image = self.load_image(src, name)
+        if image is None:
+            return None
+        out = {}
+        if target is not None:
+            cropped = self.bucket_crop(image, target)
+            image = cropped.image
+            out["original_size"] = torch.tensor(cropped.original_size)
+            out["crop_top_left"] = torch.tensor(cropped.crop_top_left)
+        out["image"] = (transform or self.transform)(image)
+        return out
+
+    def slots(self, i: int) -> dict[str, tuple["ImageCaptionDataset", int]]:
+        """Which image fills each image key of item ``i`` (one here; DreamBooth has two)."""
+        return {"image": (self, i)}
+
+    def captions_of(self, i: int) -> dict[str, str]:
+        return {"caption": self.caption_of(i)}
+
+    def item(self, i: int, target: tuple[int, int] | None = None) -> dict[str, Any]:
         n = len(self)
         for offset in range(n):
-            src, name, caption = self._record((i + offset) % n)
-            image = self.load_image(src, name)
-            if image is not None:
-                return {"image": self.transform(image), "caption": caption}
+            picture = self.picture((i + offset) % n, target)
+            if picture is not None:
+                return {**picture, "caption": self.caption_of((i + offset) % n)}
         raise BadImage(f"all {n} images of {self.description} failed to decode; see the warnings above")
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.item(i, self.targets[i] if self.targets is not None else None)

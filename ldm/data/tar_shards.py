@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ldm.data.buckets import nearest_bucket
 from ldm.data.folder import IMAGE_EXTENSIONS, decode_text
 from ldm.data.images import ImageCaptionDataset, SkipLog
 from ldm.data.transforms import build_transforms
@@ -120,6 +121,15 @@ class TarShards(IterableDataset, ImageCaptionDataset):
             1 for s in self.shards for _ in samples_in(s, self.skip_log))
         self.shuffle_buffer, self.seed = int(shuffle_buffer), seed
         self._passes = 0
+        self.stream_buckets: list | None = None  # aspect-ratio buckets, chosen per image as it streams past
+        self.batch_size = 1
+        self._pending: dict = {}  # per reader: bucket -> items waiting for a full batch (kept across epochs)
+
+    def use_stream_buckets(self, buckets: list, crop, batch_size: int) -> None:
+        """Group the stream into runs of ``batch_size`` items of one bucket (``ldm.data.buckets``); sizes are read
+        as the images arrive, so no table can be printed up front. Items waiting for their bucket to fill stay
+        for the next epoch rather than being dropped."""
+        self.stream_buckets, self.bucket_crop, self.batch_size = list(buckets), crop, int(batch_size)
 
     def __getitem__(self, i: int) -> Any:
         raise TypeError("TarShards is streamed: iterate over it (no random access)")
@@ -143,7 +153,12 @@ class TarShards(IterableDataset, ImageCaptionDataset):
             return None
         caption = next((decode_text(sample[e], f"{shard}:{sample['__names__'][e]}").strip()
                         for e in CAPTION_EXTS if e in sample), "")
-        return {"image": self.transform(image), "caption": caption}
+        if self.stream_buckets is None:
+            return {"image": self.transform(image), "caption": caption}
+        bucket = nearest_bucket(image.size, self.stream_buckets)
+        cropped = self.bucket_crop(image, self.stream_buckets[bucket])
+        return {"image": self.transform(cropped.image), "caption": caption, "_bucket": bucket,
+                "original_size": torch.tensor(cropped.original_size), "crop_top_left": torch.tensor(cropped.crop_top_left)}
 
     def _stream(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
         while True:  # cycle: a reader yields its quota even when its shards hold fewer samples
@@ -165,9 +180,27 @@ class TarShards(IterableDataset, ImageCaptionDataset):
         rng = random.Random(f"{self.seed}-{slot}-{self._passes}-{torch.initial_seed()}")
         self._passes += 1
         quota = self.length // slots
-        buffer: list[dict[str, Any]] = []
         stream = self._stream(mine, rng)
-        pulled, size = 0, max(1, self.shuffle_buffer)
+        size = max(1, self.shuffle_buffer)
+        shuffled = self._shuffled(stream, rng, quota, size)
+        if self.stream_buckets is None:
+            yield from shuffled
+            return
+        # Whole batches of one bucket; every reader yields the same number of them, so DDP ranks stay in step.
+        for _ in range(quota // self.batch_size):
+            while True:
+                item = next(shuffled, None) or next(stream)
+                waiting = self._pending.setdefault(item.pop("_bucket"), [])
+                waiting.append(item)
+                if len(waiting) == self.batch_size:
+                    break
+            yield from waiting
+            waiting.clear()
+
+    @staticmethod
+    def _shuffled(stream, rng: random.Random, quota: int, size: int) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        pulled = 0
         for _ in range(quota):  # exactly `quota` samples are read: one pass over the shards when length counts them
             while pulled < quota and len(buffer) < size:
                 buffer.append(next(stream))

@@ -18,7 +18,9 @@ class TextOnly(Dataset):
     """Items ``{"caption": str, "seed": int}``; each caption appears ``n_per_caption`` times with its own seed.
 
     ``output_size`` (pixels, an int or ``[height, width]``) is the size the image logger samples these prompts at;
-    by default the model's own. Items then carry it as ``height``/``width``.
+    by default the model's own. Items then carry it as ``height``/``width``. A list of sizes
+    (``[[512, 512], [384, 640]]``, for a model trained with aspect-ratio buckets) samples every prompt at each, with
+    the same seed, and the logger writes one grid per size.
     """
 
     def __init__(
@@ -43,21 +45,35 @@ class TextOnly(Dataset):
         self.captions = prompts
         self.seed = int(seed)
         self.n_per_caption = int(n_per_caption)
-        if output_size is not None:
-            size = [output_size] * 2 if isinstance(output_size, int) else [int(v) for v in output_size]
+        self.sizes = self._sizes(output_size)
+
+    @staticmethod
+    def _sizes(output_size) -> list[tuple[int, int]]:
+        if output_size is None:
+            return []
+        many = not isinstance(output_size, int) and all(not isinstance(v, int) for v in output_size)
+        sizes = []
+        for value in output_size if many else [output_size]:
+            size = [value] * 2 if isinstance(value, int) else [int(v) for v in value]
             if len(size) != 2 or min(size) < 8 or any(v % 8 for v in size):
-                raise ConfigError(f"TextOnly: output_size must be a multiple of 8 (or [height, width] of them), "
-                                  f"got {output_size!r}")
-            output_size = tuple(size)
-        self.output_size = output_size
+                raise ConfigError(f"TextOnly: output_size must be a multiple of 8, [height, width] of them, or a list "
+                                  f"of such sizes; got {output_size!r}")
+            sizes.append(tuple(size))
+        return sizes
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        return self.sizes[0] if self.sizes else None
 
     def __len__(self) -> int:
-        return len(self.captions) * self.n_per_caption
+        return len(self.captions) * self.n_per_caption * max(1, len(self.sizes))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        item = {"caption": self.captions[i // self.n_per_caption], "seed": self.seed + i}
-        if self.output_size is not None:
-            item["height"], item["width"] = self.output_size
+        k = max(1, len(self.sizes))
+        prompt = i // k  # every size of a prompt shares its seed, so the sizes compare like for like
+        item = {"caption": self.captions[prompt // self.n_per_caption], "seed": self.seed + prompt}
+        if self.sizes:
+            item["height"], item["width"] = self.sizes[i % k]
         return item

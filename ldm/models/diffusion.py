@@ -84,11 +84,24 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------------
     def conditioning(self, batch: dict, drop: torch.Tensor | None = None) -> torch.Tensor:
-        return self.cond_stage_model(batch[self.cond_stage_key], drop)
+        cached = batch.get(self.cond_stage_key + "_context")  # ldm.data.cache: encoded once, before training
+        if cached is None:
+            with self.parts_on_device(self.cond_stage_model):
+                return self.cond_stage_model(batch[self.cond_stage_key], drop).to(self.device)
+        if drop is not None and bool(drop.any()):
+            cached = torch.where(drop.view(-1, 1, 1), self._cached_unconditional.to(cached), cached)
+        return cached
+
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The batch's latents: drawn from cached posteriors (``<key>_moments``) or encoded from its images."""
+        moments = batch.get(self.first_stage_key + "_moments")
+        if moments is not None:
+            return self.first_stage_model.sample_moments(moments, generator)
+        with self.parts_on_device(self.first_stage_model):
+            return self.first_stage_model.encode(batch[self.first_stage_key].to(self.device), generator)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None, train: bool = True) -> torch.Tensor:
-        x = batch[self.first_stage_key]
-        z = self.first_stage_model.encode(x, generator)
+        z = self.latents(batch, generator)
         drop = None
         rate = self.cond_stage_model.ucg_rate
         if train and rate > 0:
@@ -100,11 +113,37 @@ class LatentDiffusion(pl.LightningModule):
         pred = self.denoise(z_t, t, context)
         return self.schedule.loss(pred, self.schedule.target(z, noise, t), t)
 
+    # ---- parts that leave the accelerator when their outputs are cached ---------------------------------------
+    def on_fit_start(self) -> None:
+        cached = getattr(self.trainer.datamodule, "cached_inputs", frozenset()) if self.trainer else frozenset()
+        self._offloaded = []
+        if "text" in cached:
+            with torch.no_grad():
+                self._cached_unconditional = self.cond_stage_model.unconditional(1).detach()
+            self._offloaded.append(self.cond_stage_model)
+        if "latents" in cached:
+            self._offloaded.append(self.first_stage_model)
+        for part in self._offloaded:  # their memory goes to the UNet, its gradients and optimizer state
+            part.to("cpu")
+
+    @contextmanager
+    def parts_on_device(self, *parts):
+        """Bring offloaded ``parts`` (all by default) to the model's device for the block: sampling, validation."""
+        moved = [p for p in (parts or getattr(self, "_offloaded", [])) if p in getattr(self, "_offloaded", [])]
+        for part in moved:
+            part.to(self.device)
+        try:
+            yield
+        finally:
+            for part in moved:
+                part.to("cpu")
+
     def training_step(self, batch, batch_idx):
         loss = self.diffusion_loss(batch)
-        if "class_image" in batch:  # DreamBooth prior preservation (ldm.data.dreambooth): the class half's loss
-            prior = self.diffusion_loss({self.first_stage_key: batch["class_image"],
-                                         self.cond_stage_key: batch["class_caption"]})
+        if "class_caption" in batch:  # DreamBooth prior preservation (ldm.data.dreambooth): the class half's loss
+            prior = self.diffusion_loss({key.replace("class_image", self.first_stage_key)
+                                         .replace("class_caption", self.cond_stage_key): value
+                                         for key, value in batch.items() if key.startswith("class_")})
             n = len(batch["class_caption"])
             self.log("train/instance_loss", loss, on_step=True, on_epoch=False, batch_size=n)
             self.log("train/prior_loss", prior, on_step=True, on_epoch=False, batch_size=n)
@@ -168,6 +207,10 @@ class LatentDiffusion(pl.LightningModule):
     def default_image_size(self) -> int:
         return int(self.unet.config.sample_size) * self.first_stage_model.downsample
 
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: pixels per latent cell times the UNet's downsampling."""
+        return self.first_stage_model.downsample * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def latent_shape(self, n: int, height: int, width: int) -> tuple[int, ...]:
         down = self.first_stage_model.downsample
         return n, self.first_stage_model.latent_channels, height // down, width // down
@@ -203,24 +246,45 @@ class LatentDiffusion(pl.LightningModule):
         height, width = (size, size) if isinstance(size, int) else size
         seeds = list(seeds) if seeds is not None else list(range(len(conds)))
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        with self.eval_mode(), self.ema_scope() if use_ema else nullcontext():
+        with self.eval_mode(), self.parts_on_device(), self.ema_scope() if use_ema else nullcontext():
             images = txt2img(self, conds, height, width, negative_prompt, generators, sampler, steps,
                              guidance_scale, eta)
         return images.clamp(-1, 1)
 
     @torch.no_grad()
-    def log_images(self, batch: dict, n: int = 4, **sample_kwargs) -> dict[str, torch.Tensor]:
-        """Images for the logger: inputs and reconstructions when the batch has images, and guided samples."""
+    def log_images(self, batch: dict, n: int = 4, sizes=None, **sample_kwargs) -> dict[str, torch.Tensor]:
+        """Images for the logger: inputs and reconstructions when the batch has images, and guided samples.
+
+        Samples are drawn at the batch's size (its images', cached latents', or text-only prompts' ``height`` x
+        ``width``; a batch of several sizes gives a grid per size), or at each of ``sizes`` (``[[h, w], ...]``)."""
         out = {}
         conds = batch[self.cond_stage_key][:n]  # captions, or the images themselves for image variations
-        seeds = batch["seed"][:n].tolist() if "seed" in batch else None
-        if "height" in batch:  # text-only validation prompts with their output_size
-            sample_kwargs.setdefault("size", (int(batch["height"][0]), int(batch["width"][0])))
+        seeds = batch["seed"][:n].tolist() if "seed" in batch else list(range(len(conds)))
+        rows = list(range(len(conds)))
         if self.first_stage_key in batch:
             x = batch[self.first_stage_key][:n].to(self.device)
             out["inputs"] = x
-            out["reconstruction"] = self.first_stage_model.decode(self.first_stage_model.encode(x)).clamp(-1, 1)
+            with self.parts_on_device(self.first_stage_model):
+                out["reconstruction"] = self.first_stage_model.decode(self.first_stage_model.encode(x)).clamp(-1, 1)
             sample_kwargs.setdefault("size", tuple(x.shape[-2:]))
+        elif self.first_stage_key + "_moments" in batch:  # cached latents: the posterior means, decoded
+            mean = batch[self.first_stage_key + "_moments"][:n].chunk(2, dim=1)[0].to(self.device)
+            with self.parts_on_device(self.first_stage_model):
+                out["reconstruction"] = self.first_stage_model.decode(mean * self.first_stage_model.scale_factor)
+            out["reconstruction"] = out["reconstruction"].clamp(-1, 1)
+            sample_kwargs.setdefault("size", tuple(out["reconstruction"].shape[-2:]))
         scale = sample_kwargs.get("guidance_scale", 3.0)
-        out[f"samples_cfg{scale:g}"] = self.generate(conds, seeds, **sample_kwargs)
+        if sizes:
+            groups = {tuple(int(v) for v in ([s, s] if isinstance(s, int) else s)): rows for s in sizes}
+        elif "height" in batch and "size" not in sample_kwargs:  # text-only prompts with their output_size(s)
+            groups = {}
+            for i in rows:
+                groups.setdefault((int(batch["height"][i]), int(batch["width"][i])), []).append(i)
+        else:
+            groups = {sample_kwargs.pop("size", None): rows}
+        sample_kwargs.pop("size", None)
+        for size, idx in groups.items():
+            key = f"samples_cfg{scale:g}" + (f"_{size[1]}x{size[0]}" if len(groups) > 1 or sizes else "")
+            picked = conds[idx] if isinstance(conds, torch.Tensor) else [conds[i] for i in idx]
+            out[key] = self.generate(picked, [seeds[i] for i in idx], size=size, **sample_kwargs)
         return out

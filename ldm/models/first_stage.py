@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
 
 from ldm.models.parts import FirstStage, WeightComponent
 from ldm.models.pretrained import build_or_load
@@ -47,11 +48,17 @@ class AutoencoderKLFirstStage(FirstStage):
         return {"vae": ["diffusers", "AutoencoderKL"]}
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             dist = self.vae.encode(x.float()).latent_dist
-            z = dist.sample(generator) if self.sample_posterior else dist.mode()
-        return z * self.scale_factor
+        return torch.cat([dist.mean, dist.std], dim=1)
+
+    @torch.no_grad()
+    def sample_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, std = moments.float().chunk(2, dim=1)
+        if self.sample_posterior:  # diffusers' DiagonalGaussianDistribution.sample: the same draw
+            mean = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean * self.scale_factor
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -75,6 +82,13 @@ class IdentityFirstStage(FirstStage):
         if self.latent_channels == 1 and x.shape[1] == 3:
             return x.mean(dim=1, keepdim=True)
         return x
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.encode(x)
+        return torch.cat([z, torch.zeros_like(z)], dim=1)
+
+    def sample_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return moments.chunk(2, dim=1)[0]  # no posterior: nothing to draw
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z

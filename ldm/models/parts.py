@@ -129,6 +129,15 @@ class FirstStage(nn.Module):
         return super().train(False)
 
     def encode(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """The denoiser's input for images ``x``: a draw from the posterior, scaled."""
+        return self.sample_moments(self.encode_moments(x), generator)
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """The posterior of ``x`` as mean and std stacked on channels, (B, 2C, h, w): what a latent cache stores."""
+        raise NotImplementedError
+
+    def sample_moments(self, moments: torch.Tensor, generator=None) -> torch.Tensor:
+        """A scaled latent drawn from ``encode_moments``' output, with the same random draws ``encode`` makes."""
         raise NotImplementedError
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ none of which writes files in the timed window. Both use the same config, seed (
 size, image size, in-memory data (seeded random images with captions), DataLoader settings and caption
 dropout. EMA is off in both unless ``--ema`` turns it on in both (ours vs diffusers' ``EMAModel``).
 
-``--cache`` adds a third run: the framework with ``data.params.cache_latents=memory`` and
-``cache_text_embeddings=true``, so each image is VAE-encoded and each caption CLIP-encoded once, in
+``--cache`` adds a third run: the framework with ``data.params.cache_latents=memory`` (``--cache disk``: disk)
+and ``cache_text_embeddings=true``, so each image is VAE-encoded and each caption CLIP-encoded once, in
 ``DataModule.setup``, before training; its steps are compared with the plain loop's, which encodes online.
 Filling the cache is not in the timed window: its seconds are printed apart, with the number of steps after
 which the time it saves per step has paid for it.
@@ -22,15 +22,16 @@ of its UNet's forward and backward in FLOPs, as SD v1's does (0.464 at 512 px), 
 proportion. Every run prints the FLOPs of its own model at its own size (``FlopCounterMode`` on the meta device,
 ``ldm.flops``). ``--preset sd-v1-256`` and ``sd-v1-512`` run the full SD v1 architecture with random weights.
 
-Each variant runs in its own subprocess, one after the other. A ``time.perf_counter()`` stamp is taken at
-the start of every batch (in the framework by a callback's ``on_train_batch_start``; on CUDA after a sync);
-steps ``warmup .. warmup+steps`` are timed and their median is reported, with the process CPU time per step,
-which other processes on a shared machine disturb far less, images/s and achieved FLOP/s. Memory is
-``torch.cuda.max_memory_allocated`` on CUDA; on CPU each subprocess's peak resident set size (``ru_maxrss``:
-tensors and imported libraries alike) and its growth after the model is built. ``--rounds N`` alternates the
-variants, keeping each's best. MFU (model FLOP utilisation) is achieved FLOP/s over the GPU's dense bf16 peak,
-looked up by name (A100 312, H100 SXM 989, H100 PCIe 756, H200 989, L4 121, RTX 4090 165, A10G 125 TFLOP/s)
-or given by ``--peak-tflops``; each step counts the model FLOPs it runs, the encoders' only where it runs them.
+Each variant runs in its own subprocess, one after the other. A ``time.perf_counter()`` stamp is taken at the
+start of every batch (in the framework by a callback's ``on_train_batch_start``; on CUDA after a sync); steps
+``warmup .. warmup+steps`` are timed and their median is reported, with the process CPU time per step, which
+other processes on a shared machine disturb far less, images/s and achieved FLOP/s. Memory is the peak up to the
+end of the timed window (not the checkpoint written after it): ``torch.cuda.max_memory_allocated`` on CUDA; on
+CPU each subprocess's peak resident set size (``ru_maxrss``: tensors and imported libraries alike) and its
+growth after the model is built. ``--rounds N`` alternates the variants, keeping each's best. MFU (model FLOP
+utilisation) is achieved FLOP/s over the GPU's dense bf16 peak, looked up by name (A100 312, H100 SXM 989, H100
+PCIe 756, H200 989, L4 121, RTX 4090 165, A10G 125 TFLOP/s) or given by ``--peak-tflops``; each step counts the
+model FLOPs it runs, the encoders' only where it runs them.
 
 Examples::
 
@@ -60,15 +61,18 @@ for _path in (REPO, REPO / "scripts"):  # `ldm` imports from anywhere; the DataM
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+from ldm.data.images import ImageCaptionDataset  # noqa: E402
 
 # (time, memory) of each framework variant over the plain loop's: at most this to meet the target.
 TARGETS = {"framework": (1.05, 1.10), "cached": (0.75, 1.00)}
 LABELS = {"framework": "framework", "cached": "framework, cached", "plain": "plain loop"}
 SD_V1 = str(REPO / "configs/architectures/sd-v1.yaml")
 # Same pixels per step at both sizes; a preset's values are defaults that other flags override.
-PRESETS = {"sd-v1-256": {"config": SD_V1, "size": 256, "batch_size": 32, "cache": True},
-           "sd-v1-512": {"config": SD_V1, "size": 512, "batch_size": 8, "cache": True}}
+PRESETS = {"sd-v1-256": {"config": SD_V1, "size": 256, "batch_size": 32, "cache": "memory"},
+           "sd-v1-512": {"config": SD_V1, "size": 512, "batch_size": 8, "cache": "memory"}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="full-size SD v1 (random weights) at 256 px, batch 32, or 512 px, batch 8, with --cache; "
                         "meant for a GPU")
-    p.add_argument("--cache", action="store_true",
-                   help="also run the framework on latents and text embeddings cached before training")
+    p.add_argument("--cache", nargs="?", const="memory", choices=("memory", "disk"),
+                   help="also run the framework on latents and text embeddings cached before training, in memory "
+                        "(the default) or as safetensors shards in the run's temporary folder")
     p.add_argument("--steps", type=int, default=60, help="timed steps per variant (default: 60)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps before the timed ones (default: 10)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step (default: 4)")
@@ -104,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads in each (default: torch's choice); 1 is steadier on a busy machine")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers, same in each (default: 0)")
-    p.add_argument("--rounds", type=int, default=1, help="run the variants this many times, keep each one's best (default: 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the variants this many times, keep each one's best (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and data (default: 0)")
     p.add_argument("--variant", choices=tuple(LABELS), help=argparse.SUPPRESS)  # run one, in this process
     p.add_argument("--result", help=argparse.SUPPRESS)  # where that run writes its JSON
@@ -121,33 +127,50 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-class RandomCaptioned(Dataset):
-    """``n`` seeded random images in [-1, 1] with captions, held in memory: no decoding cost in either variant."""
+class RandomCaptioned(ImageCaptionDataset):
+    """``n`` seeded random images in [-1, 1] with captions, held in memory as tensors: no decoding cost in any
+    variant. An ``ImageCaptionDataset``, so the DataModule can cache it like a folder; there is no transform."""
 
     def __init__(self, n: int, size: int, seed: int = 0):
+        super().__init__(T.Compose([]), f"{n} random {size} px images")
         gen = torch.Generator().manual_seed(seed)
         self.images = torch.rand(n, 3, size, size, generator=gen) * 2 - 1
         self.captions = [f"a photo of object number {i} on a table" for i in range(n)]
+        self.name = f"random-{seed}-{size}"
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "caption": self.captions[i]}
+    def identity(self, i: int) -> str:  # the cache key's image part
+        return f"{self.name}-{i}"
+
+    def caption_of(self, i: int) -> str:
+        return self.captions[i]
+
+    def picture(self, i: int, target=None, transform=None) -> dict:
+        return {"image": self.images[i]}
 
 
 class StepClock:
-    """(perf_counter, process CPU time) at the start of each batch, after a CUDA sync so prior work is done."""
+    """(perf_counter, process CPU time) at the start of each batch, after a CUDA sync so prior work is done; the
+    memory peaks when the stamp that closes the timed window is taken (``last``: its index), so the checkpoint and
+    loss plot the framework writes after training are not counted."""
 
-    def __init__(self, device: torch.device):
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def __init__(self, device: torch.device, last: int | None = None):
+        self.cuda = device.type == "cuda"
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.last = last
         self.stamps: list[tuple[float, float]] = []
         self.built_rss_mb = 0.0  # peak RSS once the model is built, before any training
         self.cache_s = 0.0  # wall time of DataModule.setup, where the cache is filled
+        self.peak_rss_mb = self.cuda_peak_mb = None  # up to the end of the timed window
 
     def stamp(self) -> None:
         self.sync()
         self.stamps.append((time.perf_counter(), time.process_time()))
+        if len(self.stamps) - 1 == self.last:
+            self.peak_rss_mb = _peak_rss_mb()
+            self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
 
     def window(self, warmup: int, steps: int) -> tuple[list[float], float]:
         """Wall seconds of each timed step, and the mean CPU seconds per timed step."""
@@ -202,7 +225,7 @@ def run_framework(args, device: torch.device, clock: StepClock, cached: bool = F
     from ldm.launch import build_callbacks, build_loggers, default_callbacks
 
     model, total = _build(args, clock)
-    cache = {"cache_latents": "memory", "cache_text_embeddings": True} if cached else {}
+    cache = {"cache_latents": args.cache, "cache_text_embeddings": True} if cached else {}
     data = DataModuleFromConfig(batch_size=args.batch_size, num_workers=args.num_workers,
                                 train={"target": "benchmark_train.RandomCaptioned",
                                        "params": {"n": total * args.batch_size, "size": args.size, "seed": args.seed}},
@@ -317,7 +340,7 @@ def run_variant(args) -> dict:
     args.precision = resolve_precision(args.precision, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = StepClock(device)
+    clock = StepClock(device, last=args.warmup + args.steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if args.variant == "plain":
@@ -333,8 +356,8 @@ def run_variant(args) -> dict:
             "precision": args.precision, "median_ms": 1000 * median_s, "cpu_ms": 1000 * cpu,
             "images_per_s": args.batch_size / median_s,
             "attention": sorted({type(p).__name__ for p in model.unet.attn_processors.values()}),
-            "cache_s": clock.cache_s, "peak_rss_mb": _peak_rss_mb(), "rss_built_mb": clock.built_rss_mb,
-            "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+            "cache_s": clock.cache_s, "peak_rss_mb": clock.peak_rss_mb, "rss_built_mb": clock.built_rss_mb,
+            "cuda_peak_mb": clock.cuda_peak_mb}
 
 
 def _spawn(argv: list[str], variant: str) -> dict:
@@ -365,10 +388,11 @@ def report(runs: dict[str, dict], args, flops, peak: float | None = None) -> str
              f"{'/'.join(fw['attention'])}; EMA {on[args.ema]}, gradient checkpointing "
              f"{on[args.gradient_checkpointing]}, channels-last {on[args.channels_last]}, compile {on[args.compile]}",
              f"model {Path(args.config).name} at {args.size} px, batch {args.batch_size}; FLOPs per image: VAE encoder "
-             f"{_flops(per_image['vae_encode'])}, text encoder {_flops(per_image['text_encode'])}, UNet forward+backward "
-             f"{_flops(per_image['unet_train'])}; encoder:UNet {flops.encoder_to_unet:.3f} (SD v1 at 512 px: 0.464)",
+             f"{_flops(per_image['vae_encode'])}, text encoder {_flops(per_image['text_encode'])}, UNet "
+             f"forward+backward {_flops(per_image['unet_train'])}; encoder:UNet {flops.encoder_to_unet:.3f} "
+             "(SD v1 at 512 px: 0.464)",
              f"ms/step = median wall time of {args.steps} steps after {args.warmup} warm-up; memory = {kind}"
-             + ("" if cuda else " of each variant's own subprocess")]
+             + ("" if cuda else " of each variant's own subprocess") + ", up to the end of those steps"]
     for name, r in runs.items():
         step = flops.cached if name == "cached" else flops.online  # the model FLOPs this variant's step runs
         achieved = step / (r["median_ms"] / 1000)
@@ -389,8 +413,8 @@ def report(runs: dict[str, dict], args, flops, peak: float | None = None) -> str
                        f"framework; {steps * args.batch_size / images:.2f} epochs of these images)")
         else:
             payback = "never pays back here: cached steps are no faster than uncached ones"
-        lines.append(f"cache: {cached['cache_s']:.2f} s to encode {images} images and their captions once, before "
-                     f"training (not in the timed window); {payback}")
+        lines.append(f"cache ({args.cache}): {cached['cache_s']:.2f} s to encode {images} images and their captions "
+                     f"once, before training (not in the timed window); {payback}")
     for name, label in (("framework", "uncached / plain"), ("cached", "cached / plain")):
         if name in runs:
             r, (time_target, memory_target) = runs[name], TARGETS[name]
@@ -409,13 +433,6 @@ def best_of(rounds: list[dict]) -> dict:
     return best
 
 
-def _check_cache_support() -> None:
-    import inspect
-    from ldm.data.datamodule import DataModuleFromConfig
-    if "cache_latents" not in inspect.signature(DataModuleFromConfig).parameters:
-        raise SystemExit("error: --cache needs data.params.cache_latents, which this checkout's DataModule lacks")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -431,10 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.size is None:
         args.size = native_size(model_cfg)
         argv += ["--size", str(args.size)]
-    if args.cache:
-        _check_cache_support()
     flops = step_flops(model_cfg, args.batch_size, args.size)
-    results: dict[str, list[dict]] = {v: [] for v in (("framework", "cached", "plain") if args.cache else ("framework", "plain"))}
+    variants = ("framework", "cached", "plain") if args.cache else ("framework", "plain")
+    results: dict[str, list[dict]] = {v: [] for v in variants}
     for i in range(args.rounds):
         for variant in results:
             results[variant].append(_spawn(argv, variant))

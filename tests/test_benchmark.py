@@ -52,16 +52,18 @@ def test_report_prints_both_variants_and_the_ratios(bench):
     assert "framework: 110.0 ms/step (CPU 55.0 ms/step), 36.4 img/s, 110 GFLOP/s, peak RSS 1100 MB" in text
     assert "plain loop: 100.0 ms/step (CPU 50.0 ms/step), 40.0 img/s, 121 GFLOP/s, peak RSS 1000 MB" in text
     assert "framework 300 MB, plain loop 200 MB" in text  # growth over the built model
-    assert "uncached / plain: time 1.10x (target <= 1.05: NOT met; CPU time 1.10x), memory 1.10x (target <= 1.10: met)" in text
+    assert "uncached / plain: time 1.10x (target <= 1.05: NOT met; CPU time 1.10x), " \
+           "memory 1.10x (target <= 1.10: met)" in text
     assert "EMA off, gradient checkpointing off, channels-last off, compile off" in text
     assert "FLOPs per image: VAE encoder 1 GFLOP, text encoder 0.025 GFLOP, UNet forward+backward 2 GFLOP; " \
            "encoder:UNet 0.500 (SD v1 at 512 px: 0.464)" in text
-    assert "MFU" not in text and "cache:" not in text  # no peak for a CPU; no cached run asked for
+    assert "MFU" not in text and "cache (" not in text  # no peak for a CPU; no cached run asked for
 
 
 def test_report_of_a_cached_run_on_cuda_prints_the_cache_cost_mfu_and_both_targets(bench):
     args = bench.parse_args(["--size", "128", "--steps", "30", "--warmup", "5", "--cache", "--channels-last"])
-    runs = {"framework": result(100.0, 90.0, 9000.0, cuda=3000.0), "cached": result(60.0, 55.0, 9500.0, cuda=2500.0, cache_s=2.0),
+    runs = {"framework": result(100.0, 90.0, 9000.0, cuda=3000.0),
+            "cached": result(60.0, 55.0, 9500.0, cuda=2500.0, cache_s=2.0),
             "plain": result(100.0, 95.0, 9000.0, cuda=3000.0)}
     gpu = StepFlops(4, *(1000 * n for n in (FLOPS.vae_encode, FLOPS.text_encode, FLOPS.unet_train)))
     text = bench.report(runs, args, gpu, peak=312.0)
@@ -70,9 +72,11 @@ def test_report_of_a_cached_run_on_cuda_prints_the_cache_cost_mfu_and_both_targe
            "peak CUDA alloc 3000 MB" in text
     assert "framework, cached: 60.0 ms/step (CPU 55.0 ms/step), 66.7 img/s, 133 TFLOP/s = 42.7% MFU of 312" in text
     # 2 s of caching, 40 ms saved per step: 50 steps of 4 images, out of 4 * 36 images cached.
-    assert "cache: 2.00 s to encode 144 images and their captions once, before training (not in the timed window); " \
-           "pays back after 50 steps (40.0 ms saved per step over the uncached framework; 1.39 epochs of these images)" in text
-    assert "cached / plain: time 0.60x (target <= 0.75: met; CPU time 0.58x), memory 0.83x (target <= 1.00: met)" in text
+    assert "cache (memory): 2.00 s to encode 144 images and their captions once, before training (not in the " \
+           "timed window); pays back after 50 steps (40.0 ms saved per step over the uncached framework; 1.39 " \
+           "epochs of these images)" in text
+    assert "cached / plain: time 0.60x (target <= 0.75: met; CPU time 0.58x), " \
+           "memory 0.83x (target <= 1.00: met)" in text
     assert "uncached / plain: time 1.00x (target <= 1.05: met" in text
     assert "channels-last on" in text and "RSS growth" not in text
     slower = dict(runs, cached=result(120.0, 110.0, 9500.0, cuda=3500.0, cache_s=2.0))
@@ -95,7 +99,7 @@ def test_bad_arguments_are_refused(bench, argv, message):
 
 def test_a_preset_sets_defaults_that_flags_override(bench):
     args = bench.parse_args(["--preset", "sd-v1-512"])
-    assert (Path(args.config).name, args.size, args.batch_size, args.cache) == ("sd-v1.yaml", 512, 8, True)
+    assert (Path(args.config).name, args.size, args.batch_size, args.cache) == ("sd-v1.yaml", 512, 8, "memory")
     assert bench.parse_args(["--preset", "sd-v1-256", "--batch-size", "2"]).batch_size == 2
     assert bench.parse_args([]).size is None  # then the config's own: bench-sd.yaml is made for 128 px
 
@@ -122,18 +126,21 @@ def test_help_reads_like_docs():
     assert "train_text_to_image" in out and "ru_maxrss" in out and "MFU" in out and "bench-sd.yaml" in out
 
 
-def test_tiny_run_prints_both_variants_and_the_ratio_line(tmp_path):
+def test_tiny_run_prints_all_three_variants_and_the_ratio_lines(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # The benchmark model at half its size; the two CPU-capable speed settings ride along to be exercised.
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "2", "--warmup", "1", "--batch-size", "1",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cache", "--steps", "2", "--warmup", "1", "--batch-size", "1",
                            "--size", "64", "--threads", "1", "--gradient-checkpointing", "--channels-last"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     step = r"\d+\.\d ms/step \(CPU \d+\.\d ms/step\), \d+\.\d img/s, [\d.]+ GFLOP/s, peak RSS \d+ MB$"
-    assert re.search(r"^framework: " + step, out, re.M), out
-    assert re.search(r"^plain loop: " + step, out, re.M), out
-    assert re.search(r"^uncached / plain: time \d+\.\d\dx \(target <= 1\.05: (met|NOT met); CPU time \d+\.\d\dx\), "
-                     r"memory \d+\.\d\dx \(target <= 1\.10: (met|NOT met)\)$", out, re.M), out
+    for label in ("framework", "framework, cached", "plain loop"):
+        assert re.search(f"^{label}: " + step, out, re.M), out
+    met = r"(met|NOT met)"
+    for label, time_target, memory_target in (("uncached", "1.05", "1.10"), ("cached", "0.75", "1.00")):
+        assert re.search(rf"^{label} / plain: time \d+\.\d\dx \(target <= {time_target}: {met}; CPU time \d+\.\d\dx\), "
+                         rf"memory \d+\.\d\dx \(target <= {memory_target}: {met}\)$", out, re.M), out
+    assert re.search(r"^cache \(memory\): \d+\.\d\d s to encode 4 images and their captions once", out, re.M), out
     assert "gradient checkpointing on, channels-last on" in out and "model bench-sd.yaml at 64 px, batch 1" in out
     assert not any(tmp_path.iterdir())  # run dirs, checkpoints and metrics went to a temporary folder

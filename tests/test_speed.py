@@ -59,9 +59,9 @@ def test_mfu_is_achieved_flops_over_the_peak():
     assert mfu(2.407e12 * 36, 1.0, 312.0) == pytest.approx(0.278, abs=0.001)  # 36 img/s of UNet training on an A100
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),
-                                        ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
-                                        ("NVIDIA H200", 989.0), ("NVIDIA L4", 121.0), ("NVIDIA GeForce RTX 4090", 165.0),
-                                        ("NVIDIA A10G", 125.0), ("NVIDIA L40S", None), ("Tesla T4", None)])
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA H100 80GB HBM3", 989.0),
+    ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("NVIDIA L4", 121.0), ("NVIDIA GeForce RTX 4090", 165.0),
+    ("NVIDIA A10G", 125.0), ("NVIDIA L40S", None), ("Tesla T4", None)])
 def test_peak_tflops_reads_the_device_name(name, peak):
     assert peak_tflops(name) == peak

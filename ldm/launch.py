@@ -64,6 +64,7 @@ def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: di
         "nan_guard": {},
         "save_on_interrupt": {"ckpt_dir": ckptdir},
         "loss_curve": {"logdir": str(logdir)},
+        "progress": {"logdir": str(logdir)},
     }
     return {name: {"target": target, "params": params[name]} for name, target in DEFAULT_TARGETS.items()}
 

@@ -208,7 +208,7 @@ def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int =
     callers label frames with what differs between them.)"""
     path = Path(path)
     durations = [duration_ms] * (len(frames) - 1) + [hold_last_ms]
-    frames[0].save(path, save_all=True, append_images=list(frames[1:]), duration=durations, loop=0)
+    frames[0].save(path, format="GIF", save_all=True, append_images=list(frames[1:]), duration=durations, loop=0)
     return path
 
 

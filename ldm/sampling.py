@@ -81,7 +81,17 @@ def make_scheduler(name: str, sampler_config: dict):
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     cls, extra = SAMPLERS[name]
-    return cls.from_config({**clean_sampler_config(sampler_config), **extra})
+    settings = clean_sampler_config(sampler_config)
+    if settings.get("rescale_betas_zero_snr") and not _takes(cls, "rescale_betas_zero_snr"):
+        # from_config would drop the setting and sample a zero-terminal-SNR model with the unrescaled schedule.
+        able = ", ".join(n for n, (c, _) in SAMPLERS.items() if _takes(c, "rescale_betas_zero_snr"))
+        raise ConfigError(f"sampler {name!r} has no rescale_betas_zero_snr setting, which this model's "
+                          f"zero-terminal-SNR schedule needs; use one of {able}")
+    return cls.from_config({**settings, **extra})
+
+
+def _takes(cls, setting: str) -> bool:
+    return setting in inspect.signature(cls.__init__).parameters
 
 
 def noise(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:

@@ -29,7 +29,11 @@ def get_obj_from_str(path: str) -> Any:
     try:
         return getattr(module, attr)
     except AttributeError as err:
-        raise ConfigError(f"target {path!r}: module {module_name!r} has no attribute {attr!r}") from err
+        import difflib
+
+        close = difflib.get_close_matches(attr, [n for n in dir(module) if not n.startswith("_")], n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"target {path!r}: module {module_name!r} has no attribute {attr!r}{hint}") from err
 
 
 def instantiate_from_config(config: Mapping | None, **extra: Any) -> Any:

@@ -108,15 +108,20 @@ def test_buckets_refuse_resizing_transforms_and_unknown_keys(shapes_folder):
         DataModuleFromConfig(batch_size=2, train=text, buckets={"resolution": 32, "step": 8})
 
 
-def test_dreambooth_class_images_take_their_instance_bucket(tmp_path, shapes_folder):
-    classes = tmp_path / "class"
+def dreambooth_block(instances: Path, tmp: Path) -> dict:
+    """A DreamBoothDataset block over ``instances`` with three square class images."""
+    classes = tmp / "class"
     classes.mkdir()
     for n in range(3):
-        Image.new("RGB", (32, 32), (n * 60, 0, 0)).save(classes / f"{n}.png")
-    train = {"target": "ldm.data.dreambooth.DreamBoothDataset",
-             "params": {"instance_data_dir": str(shapes_folder), "instance_prompt": "a photo of sks thing",
-                        "class_data_dir": str(classes), "class_prompt": "a photo of a thing", "num_class_images": 3,
-                        "check_identifier": False}}
+        Image.new("RGB", (32, 32), (n * 60, 90, 0)).save(classes / f"{n}.png")
+    return {"target": "ldm.data.dreambooth.DreamBoothDataset",
+            "params": {"instance_data_dir": str(instances), "instance_prompt": "a photo of sks thing",
+                       "class_data_dir": str(classes), "class_prompt": "a photo of a thing", "num_class_images": 3,
+                       "check_identifier": False}}
+
+
+def test_dreambooth_class_images_take_their_instance_bucket(tmp_path, shapes_folder):
+    train = dreambooth_block(shapes_folder, tmp_path)
     dm = DataModuleFromConfig(batch_size=2, train=train, num_workers=0, buckets={"resolution": 32, "step": 8})
     dm.prepare_train()
     for batch in dm.train_dataloader():

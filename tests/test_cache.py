@@ -14,7 +14,7 @@ import ldm.data.cache as cache
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.util import ConfigError, instantiate_from_config
 from tests.conftest import TINY_MODEL
-from tests.test_buckets import write_shapes_folder
+from tests.test_buckets import dreambooth_block, write_shapes_folder
 
 BUCKETS = {"resolution": 32, "step": 8}
 
@@ -47,11 +47,14 @@ class Losses(pl.Callback):
 
 
 def fit(model, dm, steps: int = 6, run_dir: Path | None = None) -> Losses:
+    import tempfile
+
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="cache-test-"))  # never the working directory
     pl.seed_everything(0, verbose=False)
     record = Losses()
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          callbacks=[record], enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(run_dir) if run_dir else None)
+                         default_root_dir=str(run_dir))
     trainer.fit(model, dm)
     return record
 
@@ -188,16 +191,7 @@ def test_hf_imagefolder_trains_bucketed_from_the_cache(tmp_path):
 
 
 def test_dreambooth_trains_from_cached_instance_and_class_images(folder, tmp_path):
-    from PIL import Image
-
-    classes = tmp_path / "class"
-    classes.mkdir()
-    for n in range(3):
-        Image.new("RGB", (32, 32), (n * 60, 90, 0)).save(classes / f"{n}.png")
-    train = {"target": "ldm.data.dreambooth.DreamBoothDataset",
-             "params": {"instance_data_dir": str(folder), "instance_prompt": "a photo of sks thing",
-                        "class_data_dir": str(classes), "class_prompt": "a photo of a thing", "num_class_images": 3,
-                        "check_identifier": False}}
+    train = dreambooth_block(folder, tmp_path)
     plain = fit(tiny_model(), DataModuleFromConfig(batch_size=2, num_workers=0, train=train, buckets=BUCKETS), steps=3)
     dm = DataModuleFromConfig(batch_size=2, num_workers=0, train=train, buckets=BUCKETS, cache_latents="memory",
                               cache_text_embeddings=True)

@@ -43,7 +43,7 @@ def test_both_ranks_train_in_the_same_run_dir(ddp):
         assert rec["steps"] == list(range(1, STEPS + 1))
         assert rec["run_dir"] == str(run)
         assert rec["callback_dirs"] == records[0]["callback_dirs"]
-        assert rec["callback_dirs"]["ModelCheckpoint"] == str(run / "checkpoints")
+        assert rec["callback_dirs"]["RunCheckpoint"] == str(run / "checkpoints")
     assert "All distributed processes registered. Starting with 2 processes" in output
     assert "sync_dist=True" not in output  # the epoch loss is averaged over both ranks
 

@@ -9,10 +9,11 @@ DEFAULT_TARGETS = {
     "setup_callback": "ldm.callbacks.setup.SetupCallback",
     "image_logger": "ldm.callbacks.image_logger.ImageLogger",
     "learning_rate_logger": "pytorch_lightning.callbacks.LearningRateMonitor",
-    "checkpoint": "pytorch_lightning.callbacks.ModelCheckpoint",
+    "checkpoint": "ldm.callbacks.checkpoints.RunCheckpoint",
     "nan_guard": "ldm.callbacks.faults.NaNGuard",
     "save_on_interrupt": "ldm.callbacks.faults.SaveOnInterrupt",
     "loss_curve": "ldm.callbacks.loss_curve.LossCurve",
+    "progress": "ldm.callbacks.progress.ProgressFrames",  # off until params.every_n_steps is set
 }
 IMPLICIT_TARGETS = {f"lightning.callbacks.{name}": target for name, target in DEFAULT_TARGETS.items()}
 IMPLICIT_TARGETS["lightning.modelcheckpoint"] = DEFAULT_TARGETS["checkpoint"]

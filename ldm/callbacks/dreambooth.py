@@ -17,7 +17,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.callbacks.image_logger import MIN_TILE
-from ldm.data.datamodule import Repeated
 from ldm.data.dreambooth import DreamBoothDataset
 from ldm.data.folder import find_images
 from ldm.outputs import image_grid
@@ -31,7 +30,9 @@ def dreambooth_datasets(trainer) -> list[DreamBoothDataset]:
     datasets = getattr(trainer.datamodule, "datasets", {}) if trainer.datamodule is not None else {}
     found = []
     for dataset in datasets.values():
-        inner = dataset.dataset if isinstance(dataset, Repeated) else dataset
+        inner = dataset
+        while not isinstance(inner, DreamBoothDataset) and hasattr(inner, "dataset"):  # Repeated, CachedDataset
+            inner = inner.dataset
         if isinstance(inner, DreamBoothDataset):
             found.append(inner)
     return found

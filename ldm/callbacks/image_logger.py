@@ -86,5 +86,8 @@ class ImageLogger(pl.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self.disabled or not self.log_on_validation or trainer.sanity_checking:
             return
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, (list, tuple)) and dataloader_idx < len(loaders) - 1:
+            return  # held-out images for val/loss come first; the configured validation set (prompts) is last
         if batch_idx < self.max_val_batches:
             self.log_batch(trainer, pl_module, batch, batch_idx, "val")

@@ -1,6 +1,6 @@
 """What a DataModule caches for a model, checked and filled: the bridge between ``data.params.cache_*`` and
-:mod:`ldm.data.cache`. Runs in ``DataModule.setup`` on every rank, before Lightning moves the model to the
-accelerator; the encoders visit ``device`` only while they encode."""
+:mod:`ldm.data.cache`. Runs from ``LatentDiffusion.on_fit_start`` on every rank (the model is on its device by
+then); the encoders are put on ``device`` while they encode and back where they were after."""
 from __future__ import annotations
 
 from pathlib import Path

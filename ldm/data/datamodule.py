@@ -27,12 +27,15 @@ import os
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.config import to_container
 from ldm.data.buckets import CROPS, RESIZE_FILTERS, SMALL_BUCKETS, BucketCrop, BucketSampler, assign_buckets, bucket_sizes
+from ldm.data.holdout import Indexed, hold_out
 from ldm.data.images import ImageCaptionDataset
+from ldm.data.text_only import TextOnly
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,11 @@ class Repeated(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.dataset[i % len(self.dataset)]
+
+
+@rank_zero_only
+def _print_once(line: str) -> None:
+    print(line)
 
 
 def _cpu_count() -> int:
@@ -136,6 +144,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
         cache_text_embeddings: bool = False,
         cache_dir: str | None = None,
         seed: int | None = None,
+        holdout: float = 0.05,
     ) -> None:
         super().__init__()
         if train is None and validation is None and test is None:
@@ -150,13 +159,14 @@ class DataModuleFromConfig(pl.LightningDataModule):
             for split, cfg in (("train", train), ("validation", validation), ("test", test))
             if cfg is not None
         }
+        self.seed = seed
+        self._hold_out(holdout)
         self.buckets = bucket_settings(buckets)
         if cache_latents not in CACHE_MODES:
             raise ConfigError(f"data.params.cache_latents must be one of memory, disk, true, false; got {cache_latents!r}")
         self.cache_latents = CACHE_MODES[cache_latents]
         self.cache_text_embeddings = bool(cache_text_embeddings)
         self.cache_dir = cache_dir
-        self.seed = seed
         self.groups: list[int] | None = None  # bucket of every training item, once setup() has read the sizes
         self.cached_inputs: frozenset[str] = frozenset()  # "latents", "text": what batches carry ready-made
         self._prepared = False
@@ -165,10 +175,25 @@ class DataModuleFromConfig(pl.LightningDataModule):
         # Lightning decides whether to run validation/testing by whether these hooks exist (CompVis does the same).
         if "train" in self.datasets:
             self.train_dataloader = self._train_dataloader
-        if "validation" in self.datasets:
+        if "validation" in self.datasets or "holdout" in self.datasets:
             self.val_dataloader = self._val_dataloader
         if "test" in self.datasets:
             self.test_dataloader = self._test_dataloader
+
+    def _hold_out(self, fraction: float) -> None:
+        """Without validation images, set a seeded share of the training images aside for ``val/loss``."""
+        validation = self.datasets.get("validation")
+        if "train" not in self.datasets or (validation is not None and not isinstance(validation, TextOnly)):
+            return
+        inner, repeats = unwrap(self.datasets["train"])
+        split = hold_out(inner, fraction, self._seed())
+        if split is None:
+            return
+        kept, held, _ = split
+        self.datasets["train"] = Repeated(kept, repeats) if repeats > 1 else kept
+        self.datasets["holdout"] = held
+        _print_once(f"validation loss: {len(held)} of {len(inner)} training images held out (holdout: {fraction}, "
+                    f"seed {self._seed()}) and not trained on; data.params.holdout: 0 trains on all of them")
 
     def _check_train_supports_preparation(self, cfg: Mapping) -> None:
         inner = unwrap(self.datasets["train"])[0]
@@ -201,43 +226,54 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return
         self._prepared = True
         trainer = getattr(self, "trainer", None)
-        model = trainer.lightning_module if trainer is not None else None
-        self.prepare_train(model, trainer.strategy.root_device if trainer is not None else None,
-                           trainer.default_root_dir if trainer is not None else None)
+        self.prepare_buckets(trainer.lightning_module if trainer is not None else None)
 
     def prepare_train(self, model=None, device: torch.device | None = None, run_dir: str | None = None) -> None:
-        """Read image sizes and assign buckets, then fill the caches (they need the model's encoders)."""
+        """Buckets, then caches: what ``setup`` and ``LatentDiffusion.on_fit_start`` do in a run, for scripts and
+        tests that use the DataModule without a Trainer."""
+        self.prepare_buckets(model)
+        self.prepare_caches(model, device, run_dir)
+
+    def prepare_buckets(self, model=None) -> None:
+        """Read the image sizes, assign buckets and print the table (rank 0)."""
         from ldm.data.cache import rank_and_world
 
+        if not self.buckets:
+            return
         inner, repeats = unwrap(self.datasets["train"])
+        spec = self.buckets
+        multiple = model.size_multiple() if model is not None else 1
+        if int(spec["step"]) % multiple:
+            raise ConfigError(f"data.params.buckets.step {spec['step']} must be a multiple of {multiple} (the "
+                              "model's pixels per latent cell times its UNet's downsampling)")
+        sizes = bucket_sizes(int(spec["resolution"]), int(spec["step"]), float(spec["max_aspect"]))
+        crop = BucketCrop(spec["crop"], spec["resize_filter"])
         is_zero = rank_and_world()[0] == 0
-        if self.buckets:
-            spec = self.buckets
-            multiple = model.size_multiple() if model is not None else 1
-            if int(spec["step"]) % multiple:
-                raise ConfigError(f"data.params.buckets.step {spec['step']} must be a multiple of {multiple} (the "
-                                  "model's pixels per latent cell times its UNet's downsampling)")
-            sizes = bucket_sizes(int(spec["resolution"]), int(spec["step"]), float(spec["max_aspect"]))
-            crop = BucketCrop(spec["crop"], spec["resize_filter"])
-            if isinstance(inner, IterableDataset):
-                inner.use_stream_buckets(sizes, crop, self.batch_size)
-                if is_zero:
-                    print(f"aspect-ratio buckets, chosen per image as the shards stream: "
-                          f"{', '.join(f'{w} x {h}' for h, w in sizes)} (width x height)")
-                return
-            assignment = assign_buckets(inner.image_sizes(), sizes, self.batch_size, repeats, spec["small_buckets"])
-            inner.use_buckets([assignment.target(i) for i in range(len(inner))], crop)
-            self.groups = [assignment.of_image[i % len(inner)] for i in range(len(self.datasets["train"]))]
+        if isinstance(inner, IterableDataset):
+            inner.use_stream_buckets(sizes, crop, self.batch_size)
             if is_zero:
-                print(f"aspect-ratio buckets (resolution {spec['resolution']}, step {spec['step']}, max aspect "
-                      f"{spec['max_aspect']}, {spec['small_buckets']} small buckets):\n" + assignment.table(self.batch_size))
-        if self.cache_latents or self.cache_text_embeddings:
-            if model is None:
-                raise ConfigError("cache_latents / cache_text_embeddings need the model: call prepare_train(model)")
-            from ldm.data.cache_setup import cached_dataset
+                print(f"aspect-ratio buckets, chosen per image as the shards stream: "
+                      f"{', '.join(f'{w} x {h}' for h, w in sizes)} (width x height)")
+            return
+        assignment = assign_buckets(inner.image_sizes(), sizes, self.batch_size, repeats, spec["small_buckets"])
+        inner.use_buckets([assignment.target(i) for i in range(len(inner))], crop)
+        self.groups = [assignment.of_image[i % len(inner)] for i in range(len(self.datasets["train"]))]
+        if is_zero:
+            print(f"aspect-ratio buckets (resolution {spec['resolution']}, step {spec['step']}, max aspect "
+                  f"{spec['max_aspect']}, {spec['small_buckets']} small buckets):\n" + assignment.table(self.batch_size))
 
-            cached, self.cached_inputs = cached_dataset(self, inner, model, device or model.device, run_dir)
-            self.datasets["train"] = Repeated(cached, repeats) if repeats > 1 else cached
+    def prepare_caches(self, model, device: torch.device | None = None, run_dir: str | None = None) -> None:
+        """Fill the latent and text caches with ``model``'s encoders (on ``device``) and serve cached items.
+
+        Called by ``LatentDiffusion.on_fit_start``: after the model is on its device and after callbacks such as
+        DreamBooth's ``ClassImages`` have made the images to cache. Once per DataModule."""
+        if not (self.cache_latents or self.cache_text_embeddings) or self.cached_inputs:
+            return
+        from ldm.data.cache_setup import cached_dataset
+
+        inner, repeats = unwrap(self.datasets["train"])
+        cached, self.cached_inputs = cached_dataset(self, inner, model, device or model.device, run_dir)
+        self.datasets["train"] = Repeated(cached, repeats) if repeats > 1 else cached
 
     def _seed(self) -> int:
         return int(self.seed if self.seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
@@ -250,11 +286,14 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return DataLoader(self.datasets[split], batch_size=batch_size, sampler=sampler, drop_last=False,
                               num_workers=self.num_workers, pin_memory=self.pin_memory,
                               persistent_workers=self.num_workers > 0)
+        dataset = self.datasets[split]
+        if split != "train" and not isinstance(dataset, IterableDataset):
+            dataset = Indexed(dataset)  # each validation item's index seeds its fixed noise
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=batch_size,
             # Streamed (iterable) datasets shuffle themselves; DataLoader refuses shuffle=True for them.
-            shuffle=shuffle and not isinstance(self.datasets[split], IterableDataset),
+            shuffle=shuffle and not isinstance(dataset, IterableDataset),
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -264,8 +303,12 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def _train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, self.shuffle)
 
-    def _val_dataloader(self) -> DataLoader:
-        return self._loader("validation", self.val_batch_size, False)
+    def _val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # The held-out images (for val/loss) come first; the configured validation set (often prompts) last,
+        # which is the one the image logger samples.
+        loaders = [self._loader(split, self.val_batch_size, False) for split in ("holdout", "validation")
+                   if split in self.datasets]
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def _test_dataloader(self) -> DataLoader:
         return self._loader("test", self.val_batch_size, False)

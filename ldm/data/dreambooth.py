@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
+from ldm.data.caption_tags import build_caption_transform
 from ldm.data.folder import find_images
 from ldm.data.images import ImageCaptionDataset
 from ldm.data.transforms import build_transforms
@@ -34,8 +35,8 @@ RARE_SUGGESTIONS = ("sks", "ohwx")
 class _Images(ImageCaptionDataset):
     """Image files with one fixed caption, decoded and transformed like every other dataset here."""
 
-    def __init__(self, files: list[Path], caption: str, transform, what: str) -> None:
-        super().__init__(transform, what)
+    def __init__(self, files: list[Path], caption: str, transform, what: str, caption_transform=None) -> None:
+        super().__init__(transform, what, caption_transform)
         self.files, self.caption = files, caption
 
     def __len__(self) -> int:
@@ -99,6 +100,7 @@ class DreamBoothDataset(Dataset):
         num_class_images: how many class images to use (and generate when missing).
         image_transforms: torchvision transforms for both sets (``ldm.data.transforms``).
         check_identifier: log warnings about a weak identifier.
+        caption_tags: tag shuffle/dropout for a comma-separated instance prompt (``ldm.data.caption_tags``).
 
     Length is max(instance images, class images), so every class image is seen once per epoch and the
     instance photos cycle; the DataModule's ``repeats`` lengthens epochs further.
@@ -106,7 +108,8 @@ class DreamBoothDataset(Dataset):
 
     def __init__(self, instance_data_dir: str, instance_prompt: str, class_data_dir: str | None = None,
                  class_prompt: str | None = None, with_prior_preservation: bool = True, num_class_images: int = 200,
-                 image_transforms: Sequence[Any] = (), check_identifier: bool = True) -> None:
+                 image_transforms: Sequence[Any] = (), check_identifier: bool = True,
+                 caption_tags: dict | None = None) -> None:
         root = Path(instance_data_dir).expanduser()
         if not root.is_dir():
             raise ConfigError(f"DreamBoothDataset: instance_data_dir '{instance_data_dir}' does not exist")
@@ -119,7 +122,8 @@ class DreamBoothDataset(Dataset):
             raise ConfigError(f"DreamBoothDataset: num_class_images must be >= 1, got {num_class_images}")
         transform = build_transforms(image_transforms)
         self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
-        self.instance = _Images(files, instance_prompt, transform, f"instance_data_dir '{instance_data_dir}'")
+        self.instance = _Images(files, instance_prompt, transform, f"instance_data_dir '{instance_data_dir}'",
+                                build_caption_transform(caption_tags))
         self.with_prior_preservation = bool(with_prior_preservation)
         self.class_data_dir = Path(class_data_dir).expanduser() if class_data_dir else None
         self.num_class_images = int(num_class_images)

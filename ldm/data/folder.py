@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ldm.data.caption_tags import build_caption_transform
 from ldm.data.images import ImageCaptionDataset, ImageSource
 from ldm.data.transforms import build_transforms
 from ldm.util import ConfigError
@@ -170,9 +171,13 @@ class FolderCaptions:
 
 class FolderDataset(ImageCaptionDataset):
     """Images under ``root`` with captions; see the module docstring for where captions come from.
+    ``caption_tags`` (``{keep_first: 1, shuffle: true, dropout: 0.1}``) reshuffles comma-separated tags each time an
+    item is read (``ldm.data.caption_tags``).
 
     Captions are read once here, so encoding warnings and caption-file errors come before training starts.
     """
+
+    splittable = True
 
     def __init__(
         self,
@@ -183,11 +188,12 @@ class FolderDataset(ImageCaptionDataset):
         default_caption: str = "",
         file_column: str = "file_name",
         caption_column: str = "text",
+        caption_tags: dict | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise ConfigError(f"FolderDataset: image folder '{root}' does not exist (resolved to '{self.root.resolve()}')")
-        super().__init__(build_transforms(image_transforms), f"folder '{root}'")
+        super().__init__(build_transforms(image_transforms), f"folder '{root}'", build_caption_transform(caption_tags))
         self.files = find_images(self.root)
         if not self.files:
             raise ConfigError(
@@ -202,6 +208,10 @@ class FolderDataset(ImageCaptionDataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def _select(self, indices: list[int]) -> None:
+        self.files = [self.files[i] for i in indices]
+        self.captions = [self.captions[i] for i in indices]
 
     def _record(self, i: int) -> tuple[ImageSource, str, str]:
         path = self.files[i]

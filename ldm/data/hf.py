@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import datasets
 
+from ldm.data.caption_tags import build_caption_transform
 from ldm.data.folder import jsonl_rows, sidecar_caption
 from ldm.data.images import ImageCaptionDataset, ImageSource
 from ldm.data.transforms import build_transforms
@@ -81,9 +82,11 @@ def _load(name: str, split: str, data_dir: str | None, load_kwargs: dict[str, An
 class HFImageCaption(ImageCaptionDataset):
     """Rows of a ``datasets.Dataset`` as ``{"image", "caption"}`` items, with bad images skipped."""
 
+    splittable = True
+
     def __init__(self, ds: datasets.Dataset, name: str, image_column: str, text_column: str, transform,
-                 sidecars: bool = False) -> None:
-        super().__init__(transform, f"dataset {name!r}")
+                 sidecars: bool = False, caption_transform=None) -> None:
+        super().__init__(transform, f"dataset {name!r}", caption_transform)
         self.name = name
         self.image_column = image_column
         self.text_column = text_column
@@ -107,6 +110,10 @@ class HFImageCaption(ImageCaptionDataset):
     def __len__(self) -> int:
         return len(self.ds)
 
+    def _select(self, indices: list[int]) -> None:
+        self.from_sidecar = {new: self.from_sidecar[old] for new, old in enumerate(indices) if old in self.from_sidecar}
+        self.ds = self.ds.select(indices)
+
     def _record(self, i: int) -> tuple[ImageSource, str, str]:
         row = self.ds[i]
         image, caption = row[self.image_column], row[self.text_column]
@@ -128,6 +135,7 @@ def hf_dataset(
     image_column: str = "image",
     text_column: str = "text",
     data_dir: str | None = None,
+    caption_tags: dict | None = None,
     **load_kwargs: Any,
 ) -> HFImageCaption:
     """Load ``name`` (hub name or local folder) and check the columns now, so a typo fails before training."""
@@ -143,4 +151,5 @@ def hf_dataset(
         raise ConfigError(f"hf_dataset: {name!r} split {split!r} has no rows")
     local = os.path.expanduser(name)
     imagefolder = os.path.isdir(local) and not _is_saved_dataset(local)
-    return HFImageCaption(ds, name, image_column, text_column, build_transforms(image_transforms), sidecars=imagefolder)
+    return HFImageCaption(ds, name, image_column, text_column, build_transforms(image_transforms), sidecars=imagefolder,
+                          caption_transform=build_caption_transform(caption_tags))

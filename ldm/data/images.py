@@ -243,6 +243,20 @@ class ImageCaptionDataset(Dataset):
         out["image"] = (transform or self.transform)(image)
         return out
 
+    splittable = False  # True where _select is implemented (a held-out validation share can be taken)
+
+    def select(self, indices: list[int]) -> "ImageCaptionDataset":
+        """A dataset of the items at ``indices`` only (sharing this one's skip log); subclasses with per-item
+        storage implement :meth:`_select`."""
+        import copy
+
+        part = copy.copy(self)
+        part._select(list(indices))
+        return part
+
+    def _select(self, indices: list[int]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be split")
+
     def slots(self, i: int) -> dict[str, tuple["ImageCaptionDataset", int]]:
         """Which image fills each image key of item ``i`` (one here; DreamBooth has two)."""
         return {"image": (self, i)}

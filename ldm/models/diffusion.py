@@ -13,6 +13,7 @@ from ldm.models.ema import EMA
 from ldm.models.parts import Conditioner, FirstStage, WeightComponent
 from ldm.models.schedule import NoiseSchedule
 from ldm.models.trainable import select_trainable
+from ldm.optim import build_optimizer, default_optimizer_config
 from ldm.sampling import default_sampler_config, resolve_sampler_config
 from ldm.util import ConfigError, count_params, instantiate_from_config
 
@@ -32,8 +33,15 @@ class LatentDiffusion(pl.LightningModule):
     ``rescale_betas_zero_snr``, ...) over the defaults for this model (``ldm.sampling.default_sampler_config``):
     every sampler of the image logger, the eval callbacks and the scripts is built from them, and checkpoints and
     exports record them. A diffusers folder's ``scheduler/scheduler_config.json`` arrives here whole.
+    ``val_timesteps`` (a count, evenly spaced over the schedule, or a list) are the timesteps ``val/loss`` is
+    measured at, each with the same noise for the same image at every validation (``ldm.models.diffusion``'s
+    ``validation_losses``), so the number moves only when the weights do.
     ``monitor`` is CompVis's key: the metric ``lightning.modelcheckpoint`` keeps its best checkpoints by when
     it sets ``save_top_k`` without a ``monitor`` of its own.
+    Training options, all off by default (README "Training options"): ``noise_offset``, ``input_perturbation`` and
+    ``zero_terminal_snr`` (see ``ldm.models.schedule.NoiseSchedule``); ``optimizer_config`` (a ``{target, params}``
+    block, see ``ldm.optim``; default AdamW with ``weight_decay``/``adam_betas``/``adam_eps``); ``ema_device: cpu``
+    and ``ema_update_every`` (see ``ldm.models.ema.EMA``).
     """
 
     def __init__(self, unet_config: dict, first_stage_config: dict, cond_stage_config: dict,
@@ -43,7 +51,10 @@ class LatentDiffusion(pl.LightningModule):
                  trainable: str | Sequence[str] = "all", use_ema: bool = False, ema_decay: float = 0.9999,
                  sample_with_ema: bool = True, scheduler_config: dict | None = None, weight_decay: float = 0.01,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_eps: float = 1e-8, monitor: str = "val/loss",
-                 prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None):
+                 prior_loss_weight: float = 1.0, lora: dict | None = None, sampler_config: dict | None = None,
+                 noise_offset: float = 0.0, input_perturbation: float = 0.0, zero_terminal_snr: bool = False,
+                 optimizer_config: dict | None = None, ema_device: str | None = None, ema_update_every: int = 1,
+                 val_timesteps: int | Sequence[int] = 5):
         super().__init__()
         self.save_hyperparameters()
         self.unet = self._build(unet_config, pretrained)
@@ -55,7 +66,12 @@ class LatentDiffusion(pl.LightningModule):
                 raise ConfigError(f"model.params.{name}: {type(part).__name__} is not a {interface.__module__}."
                                   f"{interface.__name__} (the interface the rest of the project relies on)")
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
-        self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma)
+        self.schedule = NoiseSchedule(timesteps, linear_start, linear_end, beta_schedule, parameterization, snr_gamma,
+                                      noise_offset, input_perturbation, zero_terminal_snr)
+        if zero_terminal_snr and self.schedule.prediction_type == "epsilon":
+            # At SNR 0 the input is pure noise: predicting it says nothing of the image, and DDIM/DDPM divide by 0.
+            raise ConfigError("model.params.zero_terminal_snr: true needs parameterization: v (an epsilon model's "
+                              "samples are NaN from the first, SNR-0 step of DDIM and DDPM); got parameterization: eps")
         self.sampler_config = resolve_sampler_config(
             sampler_config, default_sampler_config(self.schedule.scheduler_config()))
         self.trainable_names = select_trainable(self.unet, trainable)
@@ -65,11 +81,26 @@ class LatentDiffusion(pl.LightningModule):
             self.trainable_names = add_lora(self, **lora)
         self.prior_loss_weight = prior_loss_weight
         self.use_ema, self.sample_with_ema = use_ema, sample_with_ema
-        self.model_ema = EMA(self.unet, ema_decay) if use_ema else None
+        self.model_ema = EMA(self.unet, ema_decay, device=ema_device, update_every=ema_update_every) if use_ema else None
+        self.optimizer_config = optimizer_config
         self.scheduler_config = scheduler_config
         self.learning_rate = 1e-4  # main.py sets the (possibly scaled) base_learning_rate
         self.monitor = monitor
         self._ema_step = -1
+        self.val_timesteps = self._val_timesteps(val_timesteps, timesteps)
+
+    @staticmethod
+    def _val_timesteps(given: int | Sequence[int], timesteps: int) -> list[int]:
+        if isinstance(given, int):
+            if given < 1:
+                raise ConfigError(f"model.params.val_timesteps: a count >= 1 or a list of timesteps, got {given}")
+            if given == 1:
+                return [(timesteps - 1) // 2]
+            return sorted({round(i * (timesteps - 1) / (given - 1)) for i in range(given)})  # no tensors: meta-safe
+        chosen = sorted({int(t) for t in given})
+        if not chosen or chosen[0] < 0 or chosen[-1] >= timesteps:
+            raise ConfigError(f"model.params.val_timesteps: {list(given)} must be timesteps in 0..{timesteps - 1}")
+        return chosen
 
     @staticmethod
     def _build(config: dict, pretrained: str | None):
@@ -109,13 +140,20 @@ class LatentDiffusion(pl.LightningModule):
         context = self.conditioning(batch, drop)
         noise = torch.randn(z.shape, device=z.device, generator=generator, dtype=z.dtype)
         t = self.schedule.sample_timesteps(z.shape[0], z.device, generator)
-        z_t = self.schedule.add_noise(z, noise, t)
+        # Offset noise and input perturbation (off by default) draw after everything above; not in validation.
+        noise, input_noise = self.schedule.training_noise(noise, generator) if train else (noise, noise)
+        z_t = self.schedule.add_noise(z, input_noise, t)
         pred = self.denoise(z_t, t, context)
         return self.schedule.loss(pred, self.schedule.target(z, noise, t), t)
 
     # ---- parts that leave the accelerator when their outputs are cached ---------------------------------------
     def on_fit_start(self) -> None:
-        cached = getattr(self.trainer.datamodule, "cached_inputs", frozenset()) if self.trainer else frozenset()
+        # The DataModule's caches need these encoders on the device, and DreamBooth's class images, which
+        # callbacks make in their on_fit_start (they run before this hook): so they are filled from here.
+        data = self.trainer.datamodule if self.trainer else None
+        if hasattr(data, "prepare_caches"):
+            data.prepare_caches(self, self.device, self.trainer.default_root_dir)
+        cached = getattr(data, "cached_inputs", frozenset())
         self._offloaded = []
         if "text" in cached:
             with torch.no_grad():
@@ -161,23 +199,54 @@ class LatentDiffusion(pl.LightningModule):
         # Once per optimizer step, not per micro-batch under gradient accumulation.
         if self.model_ema is not None and self.global_step != self._ema_step:
             self._ema_step = self.global_step
-            self.model_ema.update(self.unet)
+            if self.model_ema.due(self.global_step):
+                self.model_ema.update(self.unet)
 
-    def validation_step(self, batch, batch_idx):
-        if self.first_stage_key not in batch:
+    @torch.no_grad()
+    def validation_losses(self, batch: dict, batch_idx: int = 0) -> dict[int, torch.Tensor]:
+        """``{timestep: mean loss}`` at :attr:`val_timesteps`, with noise (and the posterior draw) fixed per image.
+
+        Image ``i``'s draws come from a generator seeded with its dataset index (``batch["index"]``, which the
+        DataModule adds to validation items), so an image gets the same noise at every validation, in any batch,
+        after a resume and on any rank. The loss is the plain mean squared error of the prediction target."""
+        from ldm.sampling import noise
+
+        n = len(batch[self.cond_stage_key])
+        index = batch["index"].tolist() if "index" in batch else [batch_idx * n + i for i in range(n)]
+        generators = [torch.Generator().manual_seed(1_000_003 + int(i)) for i in index]
+        moments = batch.get(self.first_stage_key + "_moments")
+        if moments is None:
+            with self.parts_on_device(self.first_stage_model):
+                moments = self.first_stage_model.encode_moments(batch[self.first_stage_key].to(self.device))
+        z = self.first_stage_model.sample_moments(moments.to(self.device), generators)
+        eps = noise(z.shape, generators, z.device, z.dtype)
+        context = self.conditioning(batch)
+        losses = {}
+        for step in self.val_timesteps:
+            t = torch.full((n,), step, device=z.device, dtype=torch.long)
+            pred = self.denoise(self.schedule.add_noise(z, eps, t), t, context)
+            losses[step] = torch.nn.functional.mse_loss(pred.float(), self.schedule.target(z, eps, t).float())
+        return losses
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        if self.first_stage_key not in batch and self.first_stage_key + "_moments" not in batch:
             return None  # text-only validation batches are for the image logger
-        # A fixed generator per batch makes val/loss comparable across epochs.
-        gen = torch.Generator(device=self.device).manual_seed(batch_idx)
         with self.ema_scope():
-            loss = self.diffusion_loss(batch, generator=gen, train=False)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=len(batch[self.cond_stage_key]))
+            losses = self.validation_losses(batch, batch_idx)
+        n = len(batch[self.cond_stage_key])
+        kwargs = dict(on_epoch=True, sync_dist=True, batch_size=n, add_dataloader_idx=False)
+        for step, value in losses.items():
+            self.log(f"val/loss_t{step:04d}", value, **kwargs)
+        loss = torch.stack(list(losses.values())).mean()
+        self.log("val/loss", loss, prog_bar=True, **kwargs)
         return loss
 
     def configure_optimizers(self):
         params = [p for p in self.unet.parameters() if p.requires_grad]
         params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.hparams.weight_decay,
-                                betas=tuple(self.hparams.adam_betas), eps=self.hparams.adam_eps)
+        config = self.optimizer_config or default_optimizer_config(
+            self.hparams.weight_decay, self.hparams.adam_betas, self.hparams.adam_eps)
+        opt = build_optimizer(params, self.learning_rate, config)
         if self.scheduler_config is None:
             return opt
         lr_lambda = instantiate_from_config(self.scheduler_config)

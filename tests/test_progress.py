@@ -34,7 +34,7 @@ def test_progress_frames_val_loss_per_timestep_and_best_checkpoint(tmp_path, ima
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     per_t = sorted(k for k in rows[0] if k.startswith("val/loss_t"))
-    assert per_t == ["val/loss_t0000", "val/loss_t0250", "val/loss_t0500", "val/loss_t0749", "val/loss_t0999"]
+    assert per_t == ["val/loss_t0100", "val/loss_t0300", "val/loss_t0500", "val/loss_t0700", "val/loss_t0900"]
     vals = [r for r in rows if r["val/loss"]]
     assert len(vals) == 2
     mean = sum(float(vals[0][k]) for k in per_t) / len(per_t)

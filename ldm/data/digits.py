@@ -56,9 +56,16 @@ class DigitsSplit:
 
     val_fraction: float = 0.1
     seed: int = 0
+    per_class: int | None = None  # a small training set: the first per_class training digits of each class
 
     def digits(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        return split_digits(split, self.val_fraction, self.seed)
+        images, labels = split_digits(split, self.val_fraction, self.seed)
+        if split == "train" and self.per_class is not None:
+            if int(self.per_class) < 1:
+                raise ConfigError(f"DigitsDataset: per_class must be >= 1, got {self.per_class}")
+            keep = np.sort(np.concatenate([np.flatnonzero(labels == k)[:int(self.per_class)] for k in range(10)]))
+            images, labels = images[keep], labels[keep]
+        return images, labels
 
     def train(self) -> tuple[np.ndarray, np.ndarray]:
         return self.digits("train")
@@ -87,7 +94,7 @@ def scoring_split(datamodule) -> DigitsSplit | None:
     if not found:
         return None
     splits = {name: ds.digits_split for name, ds in found.items()}
-    if len(set(splits.values())) > 1:
+    if len({(s.val_fraction, s.seed) for s in splits.values()}) > 1:
         raise ConfigError("the DigitsDatasets in data.params split the digits differently "
                           f"({', '.join(f'{n}: {s}' for n, s in splits.items())}): give them the same "
                           "val_fraction and seed, or a validation digit may be a training digit")
@@ -95,7 +102,7 @@ def scoring_split(datamodule) -> DigitsSplit | None:
     if train is not None and train.split != "train":
         raise ConfigError(f"data.params.train: DigitsDataset split {train.split!r} trains on the held-out digits, "
                           "so the digit scores would judge the model on digits it learned; use split: train")
-    return next(iter(splits.values()))
+    return train.digits_split if train is not None else next(iter(splits.values()))  # with its per_class
 
 
 def to_model_range(images: np.ndarray, size: int = 8, channels: int = 1) -> torch.Tensor:
@@ -125,15 +132,18 @@ class DigitsDataset(Dataset):
         channels: 1 for a pixel-space model on gray images, 3 for an RGB first stage.
         caption_template: see :func:`digit_caption`.
         val_fraction, seed: the stratified split (same values → same split everywhere).
+        per_class: keep only the first ``per_class`` digits of each class (a small training set, to see overfitting).
     """
 
     def __init__(self, split: str = "train", size: int = 8, channels: int = 1,
-                 caption_template: str = "a handwritten digit {digit}", val_fraction: float = 0.1, seed: int = 0):
+                 caption_template: str = "a handwritten digit {digit}", val_fraction: float = 0.1, seed: int = 0,
+                 per_class: int | None = None):
         if size < 8:
             raise ConfigError(f"DigitsDataset: size must be >= 8 (the native resolution), got {size}")
         if channels not in (1, 3):
             raise ConfigError(f"DigitsDataset: channels must be 1 or 3, got {channels}")
-        self.split, self.digits_split = split, DigitsSplit(val_fraction, seed)
+        self.split = split
+        self.digits_split = DigitsSplit(val_fraction, seed, per_class if split == "train" else None)
         images, self.labels = self.digits_split.digits(split)
         self.images = to_model_range(images, size, channels)
         self.captions = [digit_caption(int(k), caption_template) for k in self.labels]

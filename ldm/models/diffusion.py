@@ -33,7 +33,7 @@ class LatentDiffusion(pl.LightningModule):
     ``rescale_betas_zero_snr``, ...) over the defaults for this model (``ldm.sampling.default_sampler_config``):
     every sampler of the image logger, the eval callbacks and the scripts is built from them, and checkpoints and
     exports record them. A diffusers folder's ``scheduler/scheduler_config.json`` arrives here whole.
-    ``val_timesteps`` (a count, evenly spaced over the schedule, or a list) are the timesteps ``val/loss`` is
+    ``val_timesteps`` (a count: the centres of that many equal bins of the schedule; or a list) are the timesteps ``val/loss`` is
     measured at, each with the same noise for the same image at every validation (``ldm.models.diffusion``'s
     ``validation_losses``), so the number moves only when the weights do.
     ``monitor`` is CompVis's key: the metric ``lightning.modelcheckpoint`` keeps its best checkpoints by when
@@ -94,9 +94,9 @@ class LatentDiffusion(pl.LightningModule):
         if isinstance(given, int):
             if given < 1:
                 raise ConfigError(f"model.params.val_timesteps: a count >= 1 or a list of timesteps, got {given}")
-            if given == 1:
-                return [(timesteps - 1) // 2]
-            return sorted({round(i * (timesteps - 1) / (given - 1)) for i in range(given)})  # no tensors: meta-safe
+            # The centres of `given` equal bins: t = 0 is left out, where predicting the (barely applied) noise is
+            # ill-posed and its large, erratic loss would drown every other timestep's.
+            return sorted({int((i + 0.5) * timesteps / given) for i in range(given)})  # no tensors: meta-safe
         chosen = sorted({int(t) for t in given})
         if not chosen or chosen[0] < 0 or chosen[-1] >= timesteps:
             raise ConfigError(f"model.params.val_timesteps: {list(given)} must be timesteps in 0..{timesteps - 1}")

@@ -73,7 +73,7 @@ class ProgressFrames(pl.Callback):
     def frame(self, trainer, pl_module) -> None:
         step = self._last = int(trainer.global_step)
         prompts = self._prompts(trainer)
-        if not prompts or getattr(pl_module.cond_stage_model, "kind", "text") != "text":
+        if not prompts or pl_module.cond_stage_model.kind != "text":  # image conditioners take pictures
             return
         seeds = [self.seed + i for i in range(len(prompts))]
         with trainer.precision_plugin.forward_context():

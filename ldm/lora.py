@@ -70,7 +70,8 @@ def has_lora(module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
 
-def _adapters(model) -> list:
+def lora_adapters(model) -> list:
+    """The model's trained adapters (EMA weights when sampling uses them), as ``ldm.lora_files.Adapter``s."""
     from ldm.lora_files import adapter_of
 
     adapted = {prefix: m for prefix, m in model.cond_stage_model.lora_modules().items() if has_lora(m)}
@@ -91,7 +92,7 @@ def save_lora(model, path: str | Path, layout: str = "kohya", check: bool = True
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"LoRA file {str(path)!r}: the name must end in .safetensors")
-    adapters = adapters or _adapters(model)
+    adapters = adapters or lora_adapters(model)
     if layout == "kohya":
         tensors, meta = kohya_layout(adapters, kohya_metadata(model, adapters, title=path.stem))
     elif layout == "diffusers":
@@ -110,7 +111,7 @@ def save_lora(model, path: str | Path, layout: str = "kohya", check: bool = True
 def save_lora_files(model, folder: str | Path, name: str, check: bool = True) -> dict[str, Path]:
     """Both layouts into ``folder``: ``<name>.safetensors`` (kohya, the file to hand around) and diffusers'
     ``pytorch_lora_weights.safetensors`` (the name ``load_lora_weights(folder)`` looks for)."""
-    adapters = _adapters(model)
+    adapters = lora_adapters(model)
     folder = Path(folder)
     if name == Path(DIFFUSERS_NAME).stem:
         raise ConfigError(f"LoRA name {name!r} is the diffusers file's own name; choose another")

@@ -1,4 +1,4 @@
-"""LoRA through peft, in diffusers' conventions, so adapters trained here load anywhere diffusers does.
+"""LoRA through peft, saved in the layouts ComfyUI, AUTOMATIC1111, InvokeAI, stable-diffusion.cpp and diffusers read.
 
 Training: ``model.params.lora: {rank: 4, alpha: 4}`` in a config calls :func:`add_lora`, which freezes the
 UNet (and optionally the text encoder) and adds rank-``rank`` adapters to the attention projections; only

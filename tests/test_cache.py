@@ -200,3 +200,16 @@ def test_dreambooth_trains_from_cached_instance_and_class_images(folder, tmp_pat
     assert cached.losses == pytest.approx(plain.losses, abs=1e-5)  # instance + prior loss, as online
     # 7 instance photos, and the 3 class images once per bucket they were cropped to
     assert len(dm.datasets["train"].latents[0]) >= 7 + 3
+
+
+def test_text_cache_refuses_rows_with_several_captions(tmp_path):
+    import datasets
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")] * 2, "text": [["a cat", "a kitten"]] * 2})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    train = {"target": "ldm.data.hf.hf_dataset", "params": {"name": str(tmp_path / "saved")}}
+    with pytest.raises(ConfigError, match="several captions per image"):
+        DataModuleFromConfig(batch_size=1, train=train, cache_text_embeddings=True, holdout=0)
+    DataModuleFromConfig(batch_size=1, train=train, cache_latents="memory", holdout=0)  # latents alone are fine

@@ -216,6 +216,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 if resizing:
                     raise ConfigError(f"data.params.buckets: {ds.description} has image_transforms {resizing}; buckets "
                                       "resize and crop each image to its bucket, so remove them")
+            if self.cache_text_embeddings and not getattr(ds, "fixed_captions", True):
+                raise ConfigError(f"data.params.cache_text_embeddings: {ds.description} has several captions per "
+                                  "image, one picked at random each time; a cache would freeze one: turn it off")
             if self.cache_text_embeddings and ds.caption_transform is not None:
                 raise ConfigError(f"data.params.cache_text_embeddings: {ds.description} changes its captions every "
                                   "epoch (caption_tags); cached embeddings would freeze one version: turn one off")

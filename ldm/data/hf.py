@@ -110,6 +110,11 @@ class HFImageCaption(ImageCaptionDataset):
     def __len__(self) -> int:
         return len(self.ds)
 
+    @property
+    def fixed_captions(self) -> bool:
+        """False when rows hold several captions (one is picked at random per read), which a text cache can't hold."""
+        return isinstance(self.ds.features[self.text_column], datasets.Value)
+
     def _select(self, indices: list[int]) -> None:
         self.from_sidecar = {new: self.from_sidecar[old] for new, old in enumerate(indices) if old in self.from_sidecar}
         self.ds = self.ds.select(indices)

@@ -168,7 +168,8 @@ def for_inference(section: dict) -> dict:
             raise ConfigError(f"model.params.{block} names only a pretrained folder ({sub['pretrained']!r}), not an "
                               "architecture; pass config= a YAML that writes it out, or that diffusers folder")
         sub.pop("pretrained", None)
-        sub.pop("gradient_checkpointing", None)
+        for speed_setting in ("gradient_checkpointing", "channels_last", "compile"):  # training-time choices
+            sub.pop(speed_setting, None)
     return section
 
 

@@ -114,7 +114,6 @@ def kohya_metadata(model, adapters: list[Adapter], title: str) -> dict[str, str]
             "ss_network_alpha": str(alphas.pop() if len(alphas) == 1 else unet.config.lora_alpha),
             "ss_base_model_version": "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2),
             "ss_v_parameterization": str(v_pred), "ss_resolution": f"({size}, {size})",
-            "ss_network_args": json.dumps({"text_encoder": len(adapters) > 1}),
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
             "modelspec.implementation": "diffusers", "modelspec.title": title,
             "modelspec.resolution": f"{size}x{size}", "modelspec.prediction_type": "v" if v_pred else "epsilon"}

@@ -56,7 +56,7 @@ def load(ckpt: str, config: str | None = None, device: str | torch.device = "cpu
         from ldm.lora import load_lora
 
         if not Path(lora).is_file():
-            raise ConfigError(f"--lora {lora!r} is not a file (a diffusers LoRA .safetensors, e.g. <run>/lora/...)")
+            raise ConfigError(f"--lora {lora!r} is not a file (a LoRA .safetensors, kohya or diffusers layout, e.g. <run>/lora/...)")
         load_lora(model, lora, lora_scale)
     if dtype != torch.float32:
         # nn.Module.to: diffusers' own .to warns about fp32-only modules even when the UNet has none.

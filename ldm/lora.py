@@ -1,18 +1,20 @@
-"""LoRA through peft, in diffusers' conventions, so adapters trained here load anywhere diffusers does.
+"""LoRA through peft, saved in the layouts ComfyUI, AUTOMATIC1111, InvokeAI, stable-diffusion.cpp and diffusers read.
 
 Training: ``model.params.lora: {rank: 4, alpha: 4}`` in a config calls :func:`add_lora`, which freezes the
 UNet (and optionally the text encoder) and adds rank-``rank`` adapters to the attention projections; only
 they train, so checkpoints, optimizer state and EMA shrink to the adapters.
 
-Files: :func:`save_lora` writes ``pytorch_lora_weights.safetensors`` exactly as diffusers' LoRA training scripts
-do (``convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))`` + ``save_lora_weights`` with the peft
-config as metadata), so ``StableDiffusionPipeline.load_lora_weights`` reads it, alpha included.
-:func:`load_lora` puts such a file on a LatentDiffusion for sampling at a chosen scale and :func:`merge_lora`
-folds it into the weights. The :class:`SaveLora` callback writes the file during and after training.
+Files (layouts in ``ldm.lora_files``): :func:`save_lora` writes one file in the kohya / A1111 layout (ComfyUI,
+AUTOMATIC1111, InvokeAI, stable-diffusion.cpp, diffusers) or the diffusers one (``pipe.load_lora_weights``), then
+reads it back through diffusers' loader and prints how many of its tensors applied (``ldm.lora_check``);
+:func:`save_lora_files` writes both. :func:`load_lora` puts a file of either layout (ours or downloaded) on a
+LatentDiffusion for sampling at a chosen scale and :func:`merge_lora` folds it into the weights. The
+:class:`SaveLora` callback writes both files during and after training.
 """
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -20,13 +22,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.lora_files import ADAPTER
 from ldm.util import ConfigError
 
 log = logging.getLogger(__name__)
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-ADAPTER = "default"  # peft's name for the one adapter that training adds
+DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name, what load_lora_weights(folder) reads
 
 
 def _config(rank: int, alpha: float | None, targets: Sequence[str], dropout: float):
@@ -63,53 +66,71 @@ def add_lora(model, rank: int = 4, alpha: float | None = None, target_modules: S
     return [n for n, p in model.unet.named_parameters() if p.requires_grad]
 
 
-def _adapter_state(module) -> dict[str, torch.Tensor]:
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(module)
-    named = convert_state_dict_to_diffusers(state)
-    # diffusers' older names ("to_q.lora.down") exist only for attention projections. Adapters on other layers keep
-    # peft's names ("lora_A"), and loaders pick one format from the first key: a mixed file would silently lose
-    # half its adapters, so then peft's names are used throughout.
-    if any(".lora_A." in k or ".lora_B." in k for k in named):
-        named = state
-    return {k: v.detach().clone().contiguous() for k, v in named.items()}
-
-
 def has_lora(module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
 
-def save_lora(model, path: str | Path) -> Path:
-    """Write the model's adapters (EMA weights when sampling uses them) to the ``.safetensors`` file ``path``."""
-    from diffusers import StableDiffusionPipeline
+def lora_adapters(model) -> list:
+    """The model's trained adapters (EMA weights when sampling uses them), as ``ldm.lora_files.Adapter``s."""
+    from ldm.lora_files import adapter_of
 
-    path = Path(path)
     adapted = {prefix: m for prefix, m in model.cond_stage_model.lora_modules().items() if has_lora(m)}
     if set(adapted) - {"text_encoder"}:
-        raise ConfigError(f"save_lora: adapters on {sorted(adapted)}; this file format holds the UNet and one "
+        raise ConfigError(f"save_lora: adapters on {sorted(adapted)}; these file layouts hold the UNet and one "
                           "text encoder")
-    text_encoder = adapted.get("text_encoder")
     with model.ema_scope():
-        unet_layers = _adapter_state(model.unet)
-        te_layers = _adapter_state(text_encoder) if text_encoder is not None else None
-    meta = {"unet_lora_adapter_metadata": model.unet.peft_config[ADAPTER].to_dict()}
-    if te_layers:
-        meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
+        return [adapter_of("unet", model.unet)] + [adapter_of(p, m) for p, m in adapted.items()]
+
+
+def save_lora(model, path: str | Path, layout: str = "kohya", check: bool = True, adapters: list | None = None) -> Path:
+    """Write the model's adapters (EMA weights when sampling uses them) to the ``.safetensors`` file ``path`` in the
+    ``kohya`` layout (ComfyUI, A1111, InvokeAI, stable-diffusion.cpp, diffusers) or the ``diffusers`` one
+    (``pipe.load_lora_weights``); ``check`` reads it back through diffusers and prints how much of it applied."""
+    from ldm.lora_files import diffusers_layout, kohya_layout, kohya_metadata
+    from ldm.weights.files import write_safetensors
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"LoRA file {str(path)!r}: the name must end in .safetensors")
+    adapters = adapters or lora_adapters(model)
+    if layout == "kohya":
+        tensors, meta = kohya_layout(adapters, kohya_metadata(model, adapters, title=path.stem))
+    elif layout == "diffusers":
+        tensors, meta = diffusers_layout(adapters)
+    else:
+        raise ConfigError(f"save_lora: layout {layout!r}; expected 'kohya' or 'diffusers'")
     path.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(str(path.parent), unet_lora_layers=unet_layers,
-                                              text_encoder_lora_layers=te_layers, weight_name=path.name,
-                                              safe_serialization=True, **meta)
+    write_safetensors(path, tensors, meta)
+    if check:
+        from ldm.lora_check import check_lora_file
+
+        check_lora_file(model, path)
     return path
 
 
+def save_lora_files(model, folder: str | Path, name: str, check: bool = True) -> dict[str, Path]:
+    """Both layouts into ``folder``: ``<name>.safetensors`` (kohya, the file to hand around) and diffusers'
+    ``pytorch_lora_weights.safetensors`` (the name ``load_lora_weights(folder)`` looks for)."""
+    adapters = lora_adapters(model)
+    folder = Path(folder)
+    if name == Path(DIFFUSERS_NAME).stem:
+        raise ConfigError(f"LoRA name {name!r} is the diffusers file's own name; choose another")
+    return {"kohya": save_lora(model, folder / f"{name}.safetensors", "kohya", check, adapters),
+            "diffusers": save_lora(model, folder / DIFFUSERS_NAME, "diffusers", check, adapters)}
+
+
 def load_lora(model, path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> None:
-    """Add the adapters in ``path`` (a diffusers LoRA file) to a LatentDiffusion, active at ``scale``."""
+    """Add the adapters in ``path`` (a LoRA file in the kohya or diffusers layout: ours, or one downloaded) to a
+    LatentDiffusion, active at ``scale``."""
     from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 
-    state, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    from ldm.lora_files import read_lora
+
+    state, alphas, meta = read_lora(path, unet_config=model.unet.config)
+    if not any(k.startswith("unet.") for k in state):
+        raise ConfigError(f"{str(path)!r} holds no UNet adapters (keys like {next(iter(state), '-')!r}); "
+                          "expected a Stable Diffusion LoRA")
     StableDiffusionPipeline.load_lora_into_unet(state, alphas, model.unet, adapter_name=adapter_name, metadata=meta)
     model.unet.set_adapters([adapter_name], weights=[scale])
     if any(k.startswith("text_encoder.") for k in state):
@@ -135,18 +156,25 @@ def merge_lora(model) -> None:
             _remove_text_encoder_monkey_patch(module)
 
 
-class SaveLora(pl.Callback):
-    """Write ``<run dir>/lora/<weight_name>`` every ``every_n_train_steps`` steps (0: never) and at the end."""
+def run_name(run: Path) -> str:
+    """``logs/2024-05-01T12-00-00_sks-dog`` → ``sks-dog`` (``lora`` when the run dir has no name of its own)."""
+    return re.sub(r"^\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d_?", "", Path(run).name) or "lora"
 
-    def __init__(self, every_n_train_steps: int = 0, weight_name: str = "pytorch_lora_weights.safetensors",
-                 dirpath: str | None = None):
+
+class SaveLora(pl.Callback):
+    """Write the adapter in both layouts into ``<run dir>/lora/`` every ``every_n_train_steps`` steps (0: never) and
+    at the end: ``<name>.safetensors`` (kohya layout; ``name`` defaults to the run's name, the run dir without its
+    timestamp) and ``pytorch_lora_weights.safetensors`` (diffusers layout), each checked through diffusers' loader."""
+
+    def __init__(self, every_n_train_steps: int = 0, name: str | None = None, dirpath: str | None = None):
         super().__init__()
-        self.every, self.weight_name, self.dirpath = every_n_train_steps, weight_name, dirpath
+        self.every, self.name, self.dirpath = every_n_train_steps, name, dirpath
 
     @rank_zero_only
     def _save(self, trainer, pl_module) -> None:
         if has_lora(pl_module.unet):
-            save_lora(pl_module, Path(self.dirpath or Path(trainer.default_root_dir) / "lora") / self.weight_name)
+            run = Path(trainer.default_root_dir)
+            save_lora_files(pl_module, Path(self.dirpath or run / "lora"), self.name or run_name(run))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

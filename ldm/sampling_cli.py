@@ -33,7 +33,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, help="auto (fp16 on CUDA, fp32 elsewhere; CompVis's 'autocast'), "
                    "full/fp32, fp16, bf16 (default: auto)")
     p.add_argument("--lora", default=None, metavar="FILE",
-                   help="a LoRA adapter (.safetensors in diffusers' format, e.g. <run>/lora/pytorch_lora_weights.safetensors)")
+                   help="a LoRA adapter .safetensors, kohya / A1111 or diffusers layout (e.g. <run>/lora/<name>.safetensors)")
     p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the --lora adapter (default: 1.0)")
 
 

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writes <stem>-variations.png and <stem>-NN.png (default: outputs/variations)")
     add_weights_args(p)
     p.add_argument("--lora", default=None, metavar="FILE",
-                   help="a UNet LoRA adapter trained on this model (<run>/lora/pytorch_lora_weights.safetensors)")
+                   help="a UNet LoRA adapter trained on this model (<run>/lora/<name>.safetensors, either layout)")
     p.add_argument("--lora_scale", type=float, default=1.0, help="strength of the --lora adapter (default: 1.0)")
     add_steps_args(p, scale=3.0)
     # No defaults of their own (SUPPRESS): the flags above set those; these only store what is given.

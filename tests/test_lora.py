@@ -59,7 +59,7 @@ def test_adapter_file_is_small_and_diffusers_loads_it_to_the_same_outputs(tiny_f
     from ldm.lora import save_lora
 
     model = trained_lora_model(tiny_folder)
-    path = save_lora(model, tmp_path / "pytorch_lora_weights.safetensors")
+    path = save_lora(model, tmp_path / "pytorch_lora_weights.safetensors", layout="diffusers")
     full = sum(p.numel() for n, p in model.unet.named_parameters() if ".lora_" not in n) * 4
     print(f"adapter {path.stat().st_size:,} bytes vs UNet {full:,} bytes")
     assert path.stat().st_size < 0.1 * full
@@ -154,7 +154,7 @@ def test_adapters_on_convolutions_save_in_one_format_diffusers_loads_whole(tmp_p
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
-    path = save_lora(model, tmp_path / "adapter.safetensors")
+    path = save_lora(model, tmp_path / "adapter.safetensors", layout="diffusers")
     theirs = UNet2DConditionModel(**model.unet.config)
     theirs.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.unet.state_dict().items()
                             if ".lora_" not in k})

@@ -30,6 +30,7 @@ class Exportable:
     state: dict[str, torch.Tensor]
     model: torch.nn.Module
     info: dict
+    lora: list | None = None  # a LoRA run's adapters (ldm.lora_files.Adapter), taken before they were merged
 
     def metadata(self) -> dict[str, str]:
         meta = {f"sd_finetune.{k}": str(v) for k, v in self.info.items() if k != "config"}
@@ -45,7 +46,17 @@ def prepare(path: str | Path, ema: bool | None = None, config=None) -> Exportabl
         raise ConfigError(f"--ema: {str(src.path)!r} ({src.description}) holds no EMA weights (model_ema.*); "
                           "export with --no-ema")
     use_ema = has_ema if ema is None else ema
-    if src.kind == "training" and config is None:
+    lora = None
+    if src.kind == "training" and config is None and (src.config.get("params") or {}).get("lora"):
+        # A LoRA run: exports hold base and adapter folded together (what the run samples), as a plain model.
+        from ldm.lora import lora_adapters, merge_lora
+
+        model = load_model(src.path, ema=use_ema)
+        lora = lora_adapters(model)
+        merge_lora(model)
+        section, state, n_ema = model.weights_config, model.state_dict(), int(model.weights_ema)
+        section = {**section, "params": {k: v for k, v in section["params"].items() if k != "lora"}}
+    elif src.kind == "training" and config is None:
         section = src.config
         with torch.device("meta"):  # configs, tokenizer and schedule only: no memory, no initialisation
             model = instantiate_from_config(for_inference(section))
@@ -59,7 +70,7 @@ def prepare(path: str | Path, ema: bool | None = None, config=None) -> Exportabl
     section = {**section, "params": {**section.get("params", {}), "sampler_config": dict(model.sampler_config)}}
     info = {"source": str(src.path), "kind": src.kind, "step": src.step if src.step is not None else "",
             "ema": str(n_ema > 0).lower(), "config": section}
-    return Exportable(state, model, info)
+    return Exportable(state, model, info, lora)
 
 
 def export_single_file(item: Exportable, out: str | Path, half: bool = False, progress: bool = True) -> Path:

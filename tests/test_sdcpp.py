@@ -15,7 +15,10 @@ StableDiffusionPipeline on the same weights within 1/255 mean.
 Known gap, kept as a strict xfail: the diffusers-layout file's text-encoder adapters
 (``...self_attn.q_proj.lora_linear_layer.down.weight``, the names diffusers' ``convert_state_dict_to_diffusers``
 gives) are not read by sd.cpp 0.4.7 (256 of 352 tensors applied, the 96 text-encoder ones unused); its UNet
-adapters and the whole kohya file (528 / 528) apply. The xfail turns into a failure once that is fixed.
+adapters and the whole kohya file (528 / 528) apply. Renaming them to peft's ``lora_A``/``lora_B`` does not help:
+sd.cpp then reads the names but has no mapping for diffusers' ``text_encoder.`` prefix
+(``lora.text.encoder.text_model...`` unused), so the kohya file is the one for sd.cpp. The xfail turns into a
+failure if a later sd.cpp reads them.
 
 Runtime on 2 shared CPU cores (measured): the venv's first build 4-6 minutes (download and compile; 244 s while
 another test suite ran; skipped with pip's last lines when it cannot be installed, e.g. no compiler), then 2-3

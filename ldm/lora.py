@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.lora_files import ADAPTER
 from ldm.util import ConfigError
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.callbacks.image_logger import MIN_TILE
+from ldm.data.datamodule import inner_dataset
 from ldm.data.dreambooth import DreamBoothDataset
 from ldm.data.folder import find_images
 from ldm.outputs import image_grid
@@ -28,14 +29,8 @@ log = logging.getLogger(__name__)
 def dreambooth_datasets(trainer) -> list[DreamBoothDataset]:
     """The DreamBooth datasets of the trainer's DataModule (unwrapping ``repeats``)."""
     datasets = getattr(trainer.datamodule, "datasets", {}) if trainer.datamodule is not None else {}
-    found = []
-    for dataset in datasets.values():
-        inner = dataset
-        while not isinstance(inner, DreamBoothDataset) and hasattr(inner, "dataset"):  # Repeated, CachedDataset
-            inner = inner.dataset
-        if isinstance(inner, DreamBoothDataset):
-            found.append(inner)
-    return found
+    found = [inner_dataset(dataset, DreamBoothDataset) for dataset in datasets.values()]
+    return [d for d in found if d is not None]
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -91,13 +91,21 @@ def unwrap(dataset: Dataset) -> tuple[Dataset, int]:
     return (dataset.dataset, dataset.repeats) if isinstance(dataset, Repeated) else (dataset, 1)
 
 
+def inner_dataset(dataset: Dataset, kind: type) -> Dataset | None:
+    """The ``kind`` dataset under the wrappers a split may wear (Repeated, CachedDataset, Indexed), or None."""
+    while not isinstance(dataset, kind) and isinstance(getattr(dataset, "dataset", None), Dataset):
+        dataset = dataset.dataset
+    return dataset if isinstance(dataset, kind) else None
+
+
 def image_datasets(dataset: Dataset) -> list[ImageCaptionDataset]:
     """The image datasets an item draws from (DreamBooth: instance and class images)."""
-    inner = dataset
-    while not isinstance(inner, ImageCaptionDataset) and isinstance(getattr(inner, "dataset", None), Dataset):
-        inner = inner.dataset  # through Repeated and CachedDataset
-    if isinstance(inner, ImageCaptionDataset):
-        return [inner]
+    found = inner_dataset(dataset, ImageCaptionDataset)
+    if found is not None:
+        return [found]
+    inner = dataset  # the innermost: a DreamBooth dataset holds two image sets
+    while isinstance(getattr(inner, "dataset", None), Dataset):
+        inner = inner.dataset
     return [d for d in (getattr(inner, "instance", None), getattr(inner, "classes", None)) if d is not None]
 
 

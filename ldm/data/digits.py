@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ldm.data.datamodule import inner_dataset
 from ldm.util import ConfigError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -76,13 +77,8 @@ class DigitsSplit:
 
 def datamodule_digits(datamodule) -> dict[str, "DigitsDataset"]:
     """``{split name: DigitsDataset}`` for the DataModule's splits that are digits (``repeats`` unwrapped)."""
-    found = {}
-    for name, dataset in (getattr(datamodule, "datasets", None) or {}).items():
-        while not isinstance(dataset, DigitsDataset) and hasattr(dataset, "dataset"):  # Repeated and the like
-            dataset = dataset.dataset
-        if isinstance(dataset, DigitsDataset):
-            found[name] = dataset
-    return found
+    found = {name: inner_dataset(d, DigitsDataset) for name, d in (getattr(datamodule, "datasets", None) or {}).items()}
+    return {name: d for name, d in found.items() if d is not None}
 
 
 def scoring_split(datamodule) -> DigitsSplit | None:

@@ -183,3 +183,10 @@ def test_ddp_ranks_take_equal_batch_counts_and_share_the_cache_work(tmp_path, sh
     assert seen == {f"a photo of a {name}" for name in SHAPES}
     assert all(shape[0] == 2 for r in (0, 1) for shape in records[r]["shapes"])  # full batches, topped up in-bucket
     assert records[0]["weight_hashes"] == records[1]["weight_hashes"]
+
+
+def test_a_chain_of_merges_names_where_the_images_ended_up():
+    # The tall image joins the 448 x 576 bucket, which is itself too small and joins 512 x 512.
+    sizes = [(427, 640), (550, 660)] + [(512, 512)] * 6
+    table = assign_buckets(sizes, bucket_sizes(512, 64, 2.0), batch_size=4).table(4)
+    assert "384 x 640" in table and table.count("merged into 512 x 512") == 2 and "merged into 448 x 576" not in table

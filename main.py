@@ -70,16 +70,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def resolve_resume(resume: str) -> tuple[Path, Path, list[Path]]:
-    """A run dir or a checkpoint inside one → (run dir, checkpoint, its saved configs)."""
+    """A run dir or a checkpoint inside one → (run dir, checkpoint, its saved configs).
+
+    A run dir resumes from ``checkpoints/last.ckpt``, or, when that is missing, truncated or corrupt, from the
+    newest checkpoint of the run that reads whole, saying so; a named checkpoint file must read whole itself."""
+    from ldm.callbacks.checkpoint_io import newest_readable, unreadable_reason
+
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"--resume: {resume!r} does not exist (give a run dir under logs/ or a .ckpt in one)")
     if path.is_file():
         logdir, ckpt = path.parent.parent, path
+        problem = unreadable_reason(ckpt)
+        if problem:
+            other = newest_readable(ckpt.parent, exclude=(ckpt,))
+            hint = f"; the newest readable checkpoint of the run is {other}" if other else ""
+            raise ConfigError(f"--resume: {ckpt} cannot be resumed from: {problem}{hint}")
     else:
         logdir, ckpt = path, path / "checkpoints" / "last.ckpt"
-        if not ckpt.exists():
-            raise ConfigError(f"--resume: {str(ckpt)!r} does not exist; nothing to continue from in {resume!r}")
+        problem = unreadable_reason(ckpt) if ckpt.exists() else "it does not exist"
+        if problem:
+            fallback = newest_readable(ckpt.parent, exclude=(ckpt,)) if ckpt.parent.is_dir() else None
+            if fallback is None:
+                raise ConfigError(f"--resume: {ckpt} cannot be resumed from ({problem}) and the run has no other "
+                                  f"readable checkpoint in {ckpt.parent}; nothing to continue from in {resume!r}")
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's other processes re-run this script: say it once
+                print(f"--resume: {ckpt} cannot be resumed from ({problem}); resuming from {fallback}, the newest "
+                      "readable checkpoint of the run", file=sys.stderr)
+            ckpt = fallback
     configs = sorted((logdir / "configs").glob("*.yaml"))
     if not configs:
         raise ConfigError(f"--resume: no saved configs in {str(logdir / 'configs')!r}")

@@ -63,6 +63,7 @@ def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: di
         "checkpoint": checkpoint,
         "nan_guard": {},
         "save_on_interrupt": {"ckpt_dir": ckptdir},
+        "random_state": {},
         "loss_curve": {"logdir": str(logdir)},
         "progress": {"logdir": str(logdir)},
         "report": {"logdir": str(logdir), "disabled": False},
@@ -121,7 +122,7 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
 
     from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-    from ldm.callbacks.checkpoint_io import AtomicCheckpointIO
+    from ldm.callbacks.checkpoint_io import AtomicCheckpointIO, remove_partial_writes
     from ldm.weights import load_weights
 
     lightning_config = to_container(config.pop("lightning", None)) or {}  # from here on, plain dicts
@@ -157,6 +158,9 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
                                         args.scale_lr)
     if trainer.is_global_zero:
         print(f"run dir: {logdir}")
+        if resume_ckpt is not None:
+            for name, size in remove_partial_writes(logdir / "checkpoints"):
+                print(f"removed {name} ({size / 2**20:.1f} MiB), a checkpoint write a killed process left unfinished")
     if args.train:
         try:
             trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)

@@ -86,3 +86,22 @@ class SignalAt(pl.Callback):
         if not self.sent and trainer.global_step >= self.step:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class BatchLog(pl.Callback):
+    """Appends one JSON line per training step to ``<path>``: global step, epoch, batch index, the captions and a
+    hash of the images the step trained on and of the loss, so runs that were stopped and resumed can be compared
+    step by step with one that was not (a resumed run appends to the same file)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pixels = batch.get("image", batch.get("image_moments"))
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "batch_idx": batch_idx,
+                "captions": list(batch["caption"]), "images": tensor_hash([pixels]), "loss": float(loss)}
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")

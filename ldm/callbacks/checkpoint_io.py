@@ -15,15 +15,89 @@ files you trust, pass ``weights_only=False``.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
+import zipfile
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.types import _PATH
 
-from ldm.util import atomic_path
+from ldm.util import PARTIAL_GLOB, ConfigError, atomic_path
+
+
+class DiskFullError(ConfigError):
+    """A checkpoint did not fit on the disk: one line (like a config error, the user has to act), and the file it
+    would have replaced is intact."""
+
+
+def disk_full_message(path: str, err: OSError) -> str:
+    folder = os.path.dirname(path)
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    return (f"no space left on the device writing {path} ({free / 2**20:.1f} MiB free in {folder}; "
+            f"{os.strerror(err.errno)}): the previous {os.path.basename(path)} is intact and the partial file was "
+            "removed; free some space (or move the run dir) and resume with -r")
+
+
+def unreadable_reason(path: str | os.PathLike) -> str | None:
+    """Why a checkpoint cannot be resumed from (empty, truncated, corrupt), or None when it reads whole.
+
+    Torch checkpoints are zip archives: a truncated copy has lost the directory at its end, and a byte that
+    changed on the disk fails its entry's CRC. Both are found by reading the file once, without unpickling it."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "it is empty"
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "it is not a torch checkpoint (no data.pkl inside)"
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return "it is truncated or not a torch checkpoint (no complete zip directory)"
+    except OSError as err:
+        return f"it cannot be read ({err.strerror or err})"
+    return f"its entry {bad} is corrupt (checksum mismatch)" if bad else None
+
+
+def newest_readable(ckpt_dir: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> Path | None:
+    """The most recently written checkpoint in ``ckpt_dir`` that reads whole (links such as best.ckpt skipped)."""
+    candidates = [p for p in Path(ckpt_dir).glob("*.ckpt") if not p.is_symlink() and p not in exclude]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        if unreadable_reason(path) is None:
+            return path
+    return None
+
+
+def remove_partial_writes(ckpt_dir: str | os.PathLike) -> list[tuple[str, int]]:
+    """Delete what checkpoint writes killed mid-way (kill -9, a power cut) left behind: (name, bytes) of each."""
+    removed = []
+    for leftover in Path(ckpt_dir).glob(PARTIAL_GLOB):
+        size = leftover.stat().st_size
+        leftover.unlink(missing_ok=True)
+        removed.append((leftover.name, size))
+    return removed
+
+
+class _WriteErrors:
+    """A file for ``torch.save`` that keeps the first ``OSError`` of its writes: torch's zip writer turns a failed
+    write into a bare ``RuntimeError`` ("unexpected pos ..."), losing the reason (a full disk)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:
@@ -33,7 +107,13 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     # The temporary name is hidden and unique: globbing for "*.ckpt" never picks up a half-written file, and
     # two processes saving at once (e.g. a stray duplicate job) cannot clobber each other's.
     with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        out = _WriteErrors(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError as err:
+            if out.error is not None:
+                raise out.error from err
+            raise
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -56,7 +136,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             # Remote URLs cannot be renamed atomically; Lightning's fsspec transaction is the best available.
             super().save_checkpoint(checkpoint, path)
             return
-        atomic_torch_save(checkpoint, path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(disk_full_message(os.path.abspath(os.fspath(path)), err)) from err
+            raise
 
     def load_checkpoint(
         self,

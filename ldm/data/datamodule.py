@@ -32,8 +32,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.config import to_container
-from ldm.data.buckets import CROPS, RESIZE_FILTERS, SMALL_BUCKETS, BucketCrop, BucketSampler, assign_buckets, bucket_sizes
+from ldm.data.buckets import CROPS, RESIZE_FILTERS, SMALL_BUCKETS, BucketCrop, assign_buckets, bucket_sizes
 from ldm.data.holdout import Indexed, hold_out
+from ldm.data.resume import EpochOrder, ResumableLoader, SeededItems, train_position
 from ldm.data.images import ImageCaptionDataset
 from ldm.data.text_only import TextOnly
 from ldm.util import ConfigError, instantiate_from_config
@@ -290,26 +291,22 @@ class DataModuleFromConfig(pl.LightningDataModule):
         return int(self.seed if self.seed is not None else os.environ.get("PL_GLOBAL_SEED", 0))
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        if split == "train" and self.groups is not None:
+        dataset = self.datasets[split]
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        if split == "train" and not isinstance(dataset, IterableDataset):
             trainer = getattr(self, "trainer", None)
             world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = BucketSampler(self.groups, batch_size, self._seed(), shuffle, world, rank)
-            return DataLoader(self.datasets[split], batch_size=batch_size, sampler=sampler, drop_last=False,
-                              num_workers=self.num_workers, pin_memory=self.pin_memory,
-                              persistent_workers=self.num_workers > 0)
-        dataset = self.datasets[split]
+            groups = self.groups if self.groups is not None else [0] * len(dataset)
+            order = EpochOrder(groups, batch_size, self._seed(), shuffle, world, rank)
+            # Its own generator: creating the loader's iterator then draws nothing from torch's global one, which
+            # the training step's noise comes from (ldm.data.resume).
+            return ResumableLoader(SeededItems(dataset), batch_size=batch_size, sampler=order, drop_last=False,
+                                   generator=torch.Generator().manual_seed(self._seed()), **common,
+                                   position=lambda: train_position(self.trainer))
         if split != "train" and not isinstance(dataset, IterableDataset):
             dataset = Indexed(dataset)  # each validation item's index seeds its fixed noise
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            # Streamed (iterable) datasets shuffle themselves; DataLoader refuses shuffle=True for them.
-            shuffle=shuffle and not isinstance(dataset, IterableDataset),
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        # Streamed (iterable) datasets shuffle themselves; DataLoader refuses shuffle=True for them.
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **common)
 
     def _train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, self.shuffle)

@@ -86,7 +86,6 @@ class LatentDiffusion(pl.LightningModule):
         self.scheduler_config = scheduler_config
         self.learning_rate = 1e-4  # main.py sets the (possibly scaled) base_learning_rate
         self.monitor = monitor
-        self._ema_step = -1
         self.val_timesteps = self._val_timesteps(val_timesteps, timesteps)
 
     @staticmethod
@@ -195,12 +194,13 @@ class LatentDiffusion(pl.LightningModule):
         self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        # Once per optimizer step, not per micro-batch under gradient accumulation.
-        if self.model_ema is not None and self.global_step != self._ema_step:
-            self._ema_step = self.global_step
-            if self.model_ema.due(self.global_step):
-                self.model_ema.update(self.unet)
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Once per optimizer step (not per micro-batch), and here rather than in on_train_batch_end: the callbacks'
+        # on_train_batch_end (a checkpoint every n steps) run before the module's and would save an EMA one update
+        # behind the weights. global_step counts this step only once the hook returns.
+        if self.model_ema is not None and self.model_ema.due(self.global_step + 1):
+            self.model_ema.update(self.unet)
 
     @torch.no_grad()
     def validation_losses(self, batch: dict, batch_idx: int = 0) -> dict[int, torch.Tensor]:

@@ -105,3 +105,24 @@ class BatchLog(pl.Callback):
         if trainer.is_global_zero:
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")
+
+
+class SlowCheckpointWrites(pl.Callback):
+    """With ``SLOW_CHECKPOINT_WRITES=<seconds>`` in the environment, every write of a checkpoint's bytes sleeps that
+    long, so a test can kill the process while a checkpoint is half written (the partial file is on disk)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        delay = float(os.environ.get("SLOW_CHECKPOINT_WRITES") or 0)
+        if not delay:
+            return
+        import time
+
+        from ldm.callbacks import checkpoint_io
+
+        write = checkpoint_io._WriteErrors.write
+
+        def slow_write(self, data):
+            time.sleep(delay)
+            return write(self, data)
+
+        checkpoint_io._WriteErrors.write = slow_write

@@ -191,20 +191,22 @@ def first_stage(block: dict, latent_size: int, scale_factor: float, record: Reco
 
 
 # ---- conditioners ---------------------------------------------------------------------------------------------
-def _local_clip(version: str) -> dict | None:
-    """A local transformers CLIP text folder: loaded from there, with its tokenizer when it has one. Its
-    architecture is written out too, so a sampling script can build it and take the weights from --ckpt."""
+def _local_clip(name: str, tower: str) -> dict | None:
+    """A local transformers CLIP folder (``tower``: text or vision): loaded from there, the text tower with its
+    tokenizer when the folder has one. Its architecture is written out too, so a sampling script can build it and
+    take the weights from --ckpt."""
     import json
 
-    from ldm.weights.source import TEXT_KEYS
+    from ldm.weights.source import TEXT_KEYS, VISION_KEYS
 
-    folder = Path(str(version)).expanduser()
+    folder = Path(str(name)).expanduser()
     if not (folder / "config.json").is_file():
         return None
     config = json.loads((folder / "config.json").read_text())
-    config = config.get("text_config", config)  # a whole CLIPModel folder holds the text tower's under text_config
-    params = {"pretrained": str(folder), "subfolder": None, "config": {k: config[k] for k in TEXT_KEYS if k in config}}
-    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
+    config = config.get(f"{tower}_config", config)  # a whole CLIPModel folder nests each tower's config
+    keys = TEXT_KEYS if tower == "text" else VISION_KEYS
+    params = {"pretrained": str(folder), "subfolder": None, "config": {k: config[k] for k in keys if k in config}}
+    if tower == "text" and ((folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()):
         params["tokenizer"] = str(folder)
     return params
 
@@ -233,7 +235,7 @@ def conditioner(block, trainable: bool, ucg_rate: float, record: Record, weights
     unread = "random until --finetune_from (or --ckpt) loads an SD checkpoint"
     if target == CLIP_TEXT:
         version = p.take("version", OPENAI_CLIP_L)
-        local = _local_clip(version)
+        local = _local_clip(version, "text")
         if local is not None:
             params.update(local)
         elif version == OPENAI_CLIP_L:
@@ -261,12 +263,18 @@ def conditioner(block, trainable: bool, ucg_rate: float, record: Record, weights
         if not weights_given:
             record.note(f"{where}: OpenCLIP ViT-H-14 is built from its architecture: its weights are {unread}")
     else:
-        p.ignore("model", "only ViT-L/14 (the image-variations model's encoder)", allowed="ViT-L/14")
+        name = p.take("model", "ViT-L/14")
+        local = _local_clip(name, "vision")
+        if local is not None:  # a transformers CLIPVisionModelWithProjection folder
+            params.update(local)
+        elif name != "ViT-L/14":
+            p.refuse("model", "ViT-L/14 (the image-variations model's encoder) or a local transformers CLIP folder")
+        else:
+            params["config"] = _conditioner_of("configs/architectures/sd-v1-image-variations.yaml")["config"]
         p.ignore("jit")
-        arch = _conditioner_of("configs/architectures/sd-v1-image-variations.yaml")
         # CompVis's embedder resizes with kornia, bicubic, antialias off unless set.
-        params.update(config=arch["config"], interpolation="bicubic", antialias=bool(p.take("antialias", False)))
-        if not weights_given:
+        params.update(interpolation="bicubic", antialias=bool(p.take("antialias", False)))
+        if not weights_given and local is None:
             record.note(f"{where}: CLIP ViT-L/14's image tower is built from its architecture: its weights are {unread}")
     if target != CLIP_IMAGE:
         max_length = int(p.take("max_length", 77))

@@ -29,7 +29,8 @@ PROMPTS = ["A pokemon with green eyes, large wings, and a hat", "A cute bunny ra
            "An epic landscape photo of a mountain"]
 # CompVis keys shrinking SD v1 to a model of make_tiny_sd.py's size (CompVis's GroupNorm needs 32-channel groups).
 TINY = ["model.params.image_size=8", "model.params.unet_config.params.model_channels=32",
-        "model.params.unet_config.params.channel_mult=[1,2]", "model.params.unet_config.params.attention_resolutions=[1]",
+        "model.params.unet_config.params.channel_mult=[1,2]",
+        "model.params.unet_config.params.attention_resolutions=[1]",
         "model.params.unet_config.params.num_res_blocks=1", "model.params.unet_config.params.num_heads=4",
         "model.params.unet_config.params.context_dim=32", "model.params.first_stage_config.params.ddconfig.ch=32",
         "model.params.first_stage_config.params.ddconfig.ch_mult=[1,2]",
@@ -83,7 +84,8 @@ def test_compvis_configs_build_sd_v1_at_full_size(path):
     assert public(model.unet.config) == public(reference.unet.config)
     vae, ref_vae = public(model.first_stage_model.vae.config), public(reference.first_stage_model.vae.config)
     assert vae.pop("sample_size") == 512 and {k: v for k, v in ref_vae.items() if k != "sample_size"} == vae
-    assert model.cond_stage_model.transformer.config.to_dict() == reference.cond_stage_model.transformer.config.to_dict()
+    text, ref_text = model.cond_stage_model.transformer, reference.cond_stage_model.transformer
+    assert text.config.to_dict() == ref_text.config.to_dict()
     assert model.first_stage_model.scale_factor == 0.18215 and model.default_image_size() == 512
     assert model.unet.is_gradient_checkpointing  # use_checkpoint: True
     assert model.use_ema == (path == POKEMON)  # CompVis's default is true; v1-inference.yaml sets False
@@ -97,12 +99,15 @@ def test_image_variations_config_builds_the_variations_architecture():
     with torch.device("meta"):
         model = instantiate_from_config(section)
         reference = instantiate_from_config(to_container(merge_configs([VARIATIONS_CONFIG]).model))
-    assert count_params(model.unet) == SD_V1_COUNTS["unet"] and count_params(model.first_stage_model) == SD_V1_COUNTS["vae"]
-    assert count_params(model.cond_stage_model) == count_params(reference.cond_stage_model) == 303_966_208  # CLIP ViT-L/14 image tower + projection
+    assert count_params(model.unet) == SD_V1_COUNTS["unet"]
+    assert count_params(model.first_stage_model) == SD_V1_COUNTS["vae"]
+    # CLIP ViT-L/14's image tower and its projection.
+    assert count_params(model.cond_stage_model) == count_params(reference.cond_stage_model) == 303_966_208
     cond = model.cond_stage_model
     assert cond.encoder.config.to_dict() == reference.cond_stage_model.encoder.config.to_dict()
     # The fork's embedder: bicubic, antialias off by default, condition dropout 5% to the zero embedding.
-    assert (cond.interpolation, cond.antialias, cond.ucg_rate, model.cond_stage_key) == ("bicubic", False, 0.05, "image")
+    assert (cond.interpolation, cond.antialias, cond.ucg_rate) == ("bicubic", False, 0.05)
+    assert model.cond_stage_key == "image"
     assert section["params"]["trainable"] == "attn2" and section["params"]["sample_with_ema"] is False
 
 
@@ -205,7 +210,8 @@ def test_pokemon_sections_translate_key_by_key():
     model, data, lightning = done.config["model"]["params"], done.config["data"], done.config["lightning"]
     assert (model["first_stage_key"], model["cond_stage_key"], model["trainable"]) == ("image", "caption", "all")
     assert (model["linear_start"], model["linear_end"], model["beta_schedule"]) == (0.00085, 0.012, "scaled_linear")
-    assert model["scheduler_config"]["params"]["warm_up_steps"] == [1] and done.config["model"]["base_learning_rate"] == 1e-4
+    assert model["scheduler_config"]["params"]["warm_up_steps"] == [1]
+    assert done.config["model"]["base_learning_rate"] == 1e-4
     assert data["target"] == "ldm.data.datamodule.DataModuleFromConfig"
     assert data["params"]["holdout"] == 0 and data["params"]["batch_size"] == 4 and "num_val_workers" not in data["params"]
     train, val = data["params"]["train"], data["params"]["validation"]
@@ -236,8 +242,10 @@ def test_fork_and_lightning_1_keys():
                  "+lightning.trainer.gpus='0,1'", "+lightning.trainer.weights_summary=null",
                  "lightning.callbacks.image_logger.params.increase_log_steps=true",
                  "lightning.callbacks.image_logger.params.log_images_kwargs.unconditional_guidance_label=['blurry']",
-                 "+lightning.callbacks.cuda_callback={target: main.CUDACallback}"]
-    done = translate(merge_configs([POKEMON], overrides), weights_given=True)
+                 "+lightning.callbacks.cuda_callback={target: main.CUDACallback}",
+                 "+lightning.callbacks.metrics_over_trainsteps_checkpoint={params: {every_n_train_steps: 500}}",
+                 "+lightning.logger={target: pytorch_lightning.loggers.TestTubeLogger, params: {name: tt, debug: false}}"]
+    done = translate(merge_configs([POKEMON], overrides), weights_given=True, logdir="logs/run")
     model, lightning = done.config["model"]["params"], done.config["lightning"]
     assert model["trainable"] == ["conv_in.*"] and model["cond_stage_config"]["params"]["ucg_rate"] == 0.1
     # FrozenCLIPEmbedder freezes itself, so cond_stage_trainable alone trains nothing (as in CompVis).
@@ -249,6 +257,11 @@ def test_fork_and_lightning_1_keys():
     logger = lightning["callbacks"]["image_logger"]
     assert logger["target"] == "ldm.compvis.lightning.StepDoublingImageLogger"
     assert logger["params"]["negative_prompt"] == "blurry" and "cuda_callback" not in lightning["callbacks"]
+    assert lightning["callbacks"]["metrics_over_trainsteps_checkpoint"] == {
+        "target": "pytorch_lightning.callbacks.ModelCheckpoint", "params": {
+            "filename": "{epoch:06}-{step:09}", "verbose": True, "save_top_k": -1, "every_n_train_steps": 500,
+            "save_weights_only": True, "dirpath": "logs/run/checkpoints/trainstep_checkpoints"}}
+    assert lightning["logger"] == {"target": "pytorch_lightning.loggers.TensorBoardLogger", "params": {"name": "tt"}}
     built = instantiate_from_config({**logger, "params": {**logger["params"], "logdir": "logs/x"}})
     built.batch_frequency = 20
     assert [s for s in range(1, 45) if built._due(s)] == [1, 2, 4, 8, 16, 20, 40]

@@ -55,10 +55,12 @@ def image_logger(block: dict, record: Record, kind: str, timesteps: int, where: 
     params = {"batch_frequency": int(p.take("batch_frequency")),
               "max_images": min(int(p.take("max_images")), int(kw.take("N", 8))),
               "log_first_step": bool(p.take("log_first_step", False)), "disabled": bool(p.take("disabled", False)),
-              "sampler": "ddim" if steps is not None else "ddpm", "steps": int(steps if steps is not None else timesteps),
-              "eta": float(kw.take("ddim_eta", 1.0)),
+              # ddim_steps: null is CompVis's ancestral sampling over every timestep.
+              "sampler": "ddim" if steps is not None else "ddpm",
+              "steps": int(steps if steps is not None else timesteps), "eta": float(kw.take("ddim_eta", 1.0)),
               "guidance_scale": float(kw.take("unconditional_guidance_scale", 1.0)),
-              "negative_prompt": _negative(kw.take("unconditional_guidance_label"), kind, kw.key("unconditional_guidance_label"))}
+              "negative_prompt": _negative(kw.take("unconditional_guidance_label"), kind,
+                                           kw.key("unconditional_guidance_label"))}
     if "n_row" in kw:
         params["nrow"] = int(kw.take("n_row"))
     if p.take("log_all_val", False):
@@ -121,10 +123,13 @@ def _trainer(trainer: dict, record: Record) -> dict:
         gpus = trainer.pop("gpus")
         ids = [int(g) for g in str(gpus).replace(" ", "").strip(",").split(",") if g != ""]
         count = isinstance(gpus, int) and not isinstance(gpus, bool)
-        trainer.update(accelerator="gpu", devices=gpus if count else ids)
-        if (gpus if count else len(ids)) > 1:
-            trainer.setdefault("strategy", "ddp")
-        record.note(f"lightning.trainer.gpus {gpus} → accelerator: gpu, devices: {trainer['devices']}")
+        if gpus is None or (count and gpus == 0):  # Lightning 1's "no GPU"
+            record.note(f"lightning.trainer.gpus {gpus} → no GPU (Lightning picks the accelerator)")
+        else:
+            trainer.update(accelerator="gpu", devices=gpus if count else ids)
+            if (gpus if count else len(ids)) > 1:
+                trainer.setdefault("strategy", "ddp")
+            record.note(f"lightning.trainer.gpus {gpus} → accelerator: gpu, devices: {trainer['devices']}")
     if "progress_bar_refresh_rate" in trainer:
         rate = trainer.pop("progress_bar_refresh_rate")
         record.ignored.append("lightning.trainer.progress_bar_refresh_rate")

@@ -1,4 +1,5 @@
-"""CompVis's ``model`` section (``ldm.models.diffusion.ddpm.LatentDiffusion``) → ``ldm.models.diffusion.LatentDiffusion``.
+"""CompVis's ``model`` section (``ldm.models.diffusion.ddpm.LatentDiffusion``) → our
+``ldm.models.diffusion.LatentDiffusion``.
 
 Defaults are CompVis's where they differ from ours: ``use_ema`` true, ``linear_start``/``linear_end`` 1e-4/2e-2,
 ``scale_factor`` 1, no condition dropout unless ``ucg_training`` asks for it. The fork's keys are translated too:
@@ -90,7 +91,7 @@ def translate_model(section: dict, record: Record, weights_given: bool) -> tuple
 
     latent = int(p.take("image_size", 256))
     unet_block = _check_target(p.take("unet_config"), "model.params.unet_config", UNET,
-                               "only UNetModel translates")
+                               "only UNetModel translates", record)
     unet, checkpointing = unet_config(unet_block.get("params"), latent, record, "model.params.unet_config.params")
     record.block("model.params.unet_config", UNET, TARGETS[UNET])
     first = first_stage(p.take("first_stage_config"), latent, float(p.take("scale_factor", 1.0)), record,

@@ -56,7 +56,7 @@ def _need(p: Params, name: str, what: str):
     return p.take(name)
 
 
-def _check_target(block, where: str, expected: str, what: str) -> dict:
+def _check_target(block, where: str, expected: str, what: str, record: Record) -> dict:
     if not isinstance(block, dict) or "target" not in block:
         refuse(where, f"expected a {{target: {expected}, params: ...}} block, got {block!r}")
     if block["target"] != expected:
@@ -64,6 +64,8 @@ def _check_target(block, where: str, expected: str, what: str) -> dict:
     extra = sorted(set(block) - {"target", "params", "ckpt_path"})
     if extra:
         refuse(f"{where}.{extra[0]}", "only target and params are read beside a block's target")
+    if "ckpt_path" in block:  # beside target: CompVis passes only params to the class, so it is never read
+        record.ignored.append(f"{where}.ckpt_path")
     return block
 
 
@@ -143,9 +145,7 @@ def unet_config(params: dict | None, latent_size: int, record: Record, where: st
 # ---- first stage ----------------------------------------------------------------------------------------------
 def first_stage(block: dict, latent_size: int, scale_factor: float, record: Record, weights_given: bool,
                 where: str = "model.params.first_stage_config") -> dict:
-    _check_target(block, where, AUTOENCODER, "only the KL autoencoder (AutoencoderKL) translates")
-    if "ckpt_path" in block:  # beside target: CompVis passes only params to the class, so it is never read
-        record.ignored.append(f"{where}.ckpt_path")
+    _check_target(block, where, AUTOENCODER, "only the KL autoencoder (AutoencoderKL) translates", record)
     p = Params(block.get("params"), f"{where}.params", record)
     what = "CompVis's AutoencoderKL"
     embed_dim = int(_need(p, "embed_dim", what))
@@ -228,7 +228,7 @@ def conditioner(block, trainable: bool, ucg_rate: float, record: Record, weights
     targets = (CLIP_TEXT, OPEN_CLIP_TEXT, CLIP_IMAGE)
     target = block.get("target") if isinstance(block, dict) else None
     _check_target(block, where, target if target in targets else CLIP_TEXT,
-                  "FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder and FrozenCLIPImageEmbedder translate")
+                  "FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder and FrozenCLIPImageEmbedder translate", record)
     p = Params(block.get("params"), f"{where}.params", record)
     p.ignore("device")  # the conditioner goes where the model goes
     params: dict = {}
@@ -275,7 +275,8 @@ def conditioner(block, trainable: bool, ucg_rate: float, record: Record, weights
         # CompVis's embedder resizes with kornia, bicubic, antialias off unless set.
         params.update(interpolation="bicubic", antialias=bool(p.take("antialias", False)))
         if not weights_given and local is None:
-            record.note(f"{where}: CLIP ViT-L/14's image tower is built from its architecture: its weights are {unread}")
+            record.note(f"{where}: CLIP ViT-L/14's image tower is built from its architecture: its weights "
+                        f"are {unread}")
     if target != CLIP_IMAGE:
         max_length = int(p.take("max_length", 77))
         if max_length != 77:

@@ -126,6 +126,9 @@ def run(argv: list[str]) -> int:
         logdir = Path(os.environ.get(RUN_DIR_ENV) or root / f"{now}_{name}")
     os.environ[RUN_DIR_ENV] = str(logdir)
     config = merge_configs(base, args.overrides)
+    from ldm.compvis import translate_for_run  # CompVis/fork configs → this project's classes; others unchanged
+
+    config = translate_for_run(config, weights_given=bool(args.finetune_from or args.resume), logdir=logdir)
     check_targets(config)
 
     from ldm.launch import train

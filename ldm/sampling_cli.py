@@ -41,6 +41,7 @@ def add_steps_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:
     """How to sample: ``--sampler`` (or ``--plms``), ``--ddim_steps``, ``--ddim_eta``, ``--scale``."""
     p.add_argument("--sampler", default="ddim", help=f"{SAMPLER_HELP} (default: ddim)")
     p.add_argument("--plms", action="store_true", help="same as --sampler plms")
+    p.add_argument("--dpm_solver", action="store_true", help="same as --sampler dpm++ (CompVis's DPM-Solver++ 2M)")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps, for any sampler (default: 50)")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta; 0 = deterministic (default: 0)")
     p.add_argument("--scale", type=float, default=scale,
@@ -75,6 +76,10 @@ def add_sampler_args(p: argparse.ArgumentParser, scale: float = 7.5) -> None:
     add_steps_args(p, scale)
     p.add_argument("--H", type=int, default=None, help="image height, a multiple of 8 (default: the model's size)")
     p.add_argument("--W", type=int, default=None, help="image width, a multiple of 8 (default: the model's size)")
+    # CompVis's latent shape flags: the model already knows both, so they are only checked against it.
+    p.add_argument("--C", type=int, default=None, help="latent channels (CompVis's flag; checked against the model)")
+    p.add_argument("--f", type=int, default=None, help="downsampling factor (CompVis's flag; checked against the model)")
+    p.add_argument("--laion400m", action="store_true", help=argparse.SUPPRESS)  # CompVis's LDM model: refused
 
 
 def build_parser(img2img: bool) -> argparse.ArgumentParser:
@@ -104,11 +109,13 @@ def build_parser(img2img: bool) -> argparse.ArgumentParser:
 
 
 def check_steps_args(args) -> None:
-    """``add_steps_args``' one-line refusals (``--plms`` becomes ``--sampler plms``)."""
+    """``add_steps_args``' one-line refusals (``--plms`` becomes ``--sampler plms``, ``--dpm_solver`` dpm++)."""
     from ldm.sampling import SAMPLERS
 
     if args.plms:
         args.sampler = "plms"
+    if getattr(args, "dpm_solver", False):
+        args.sampler = "dpm++"
     if args.sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if args.ddim_steps < 1:
@@ -121,6 +128,9 @@ def check_sampler_args(args) -> None:
 
     check_steps_args(args)
     check_size(args.H, args.W)
+    if getattr(args, "laion400m", False):
+        raise ConfigError("--laion400m: CompVis's LAION-400M LDM model is not a Stable Diffusion checkpoint; "
+                          "give --ckpt and --config of the model to sample")
     if args.ckpt is None:
         raise ConfigError("give the model to sample with: --ckpt RUN_DIR|CKPT|DIFFUSERS_FOLDER")
 
@@ -139,7 +149,7 @@ def apply_png(args, img2img: bool) -> int:
     args.prompt, args.from_file, args.negative_prompt = meta["prompt"], None, meta["negative_prompt"]
     args.seed, args.n_samples, args.n_iter, args.fixed_code = meta["seed"], meta["batch_size"], 1, False
     args.H, args.W, args.scale, args.sampler = meta["height"], meta["width"], meta["scale"], meta["sampler"]
-    args.plms = False
+    args.plms = args.dpm_solver = False
     args.ddim_steps, args.ddim_eta, args.skip_grid, args.skip_save = meta["steps"], meta["eta"], True, False
     args.ckpt, args.config = args.ckpt or meta["model"], args.config or meta.get("config")
     args.precision, args.no_ema = args.precision or meta["precision"], not meta["ema"]
@@ -153,6 +163,33 @@ def apply_png(args, img2img: bool) -> int:
                 print(f"warning: {args.init_img} changed since {args.from_png} was made; the image will differ",
                       file=sys.stderr)
     return meta["batch_index"]
+
+
+def compvis_config(args):
+    """``--config`` as the model loader takes it: a YAML written for CompVis (v1-inference.yaml) translated to this
+    project's model section (``ldm.compvis``), anything else as given. CompVis samples inside the model's EMA
+    scope, so its ``use_ema: False`` means the raw weights, as ``--no_ema`` does here."""
+    if not args.config:
+        return args.config
+    from ldm.compvis import model_section_of
+
+    section, done = model_section_of(args.config)
+    if section is None:
+        return args.config
+    print("\n".join(done.lines()), file=sys.stderr)
+    if not section["params"]["use_ema"] and not args.no_ema:
+        args.no_ema = True
+        print(f"compvis: {args.config} sets use_ema: False: sampling with the raw weights", file=sys.stderr)
+    return section
+
+
+def check_latent_flags(model, args) -> None:
+    """CompVis's ``--C`` (latent channels) and ``--f`` (downsampling factor) must be the model's own."""
+    first = model.first_stage_model
+    for flag, given, own in (("--C", getattr(args, "C", None), first.latent_channels),
+                             ("--f", getattr(args, "f", None), first.downsample)):
+        if given is not None and given != own:
+            raise ConfigError(f"{flag} {given}: the model's is {own} (drop the flag; the model knows it)")
 
 
 def sample_settings(args, kind: str, height: int, width: int, dtype, device) -> dict:
@@ -192,8 +229,9 @@ def run(args, img2img: bool) -> list[Path]:
         raise ConfigError("--n_samples and --n_iter must be at least 1")
     device = inference.pick_device(args.device)
     dtype = inference.pick_dtype(args.precision or "auto", device)
-    model = inference.load(args.ckpt, args.config, device, dtype, ema=not args.no_ema, lora=args.lora,
+    model = inference.load(args.ckpt, compvis_config(args), device, dtype, ema=not args.no_ema, lora=args.lora,
                            lora_scale=args.lora_scale)
+    check_latent_flags(model, args)
     apply_sampler_config(model, args)
     if img2img:
         width, height = init.size

@@ -187,3 +187,68 @@ def test_no_readable_checkpoint_at_all_is_one_line(short_run, tmp_path, capsys):
     for ckpt in (run / "checkpoints").glob("*.ckpt"):
         ckpt.write_bytes(b"not a checkpoint")
     assert "no other readable checkpoint" in resume_error(["-r", str(run)], capsys)
+
+
+# ---- a full disk -----------------------------------------------------------------------------------------------------
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from ldm.callbacks.checkpoint_io import AtomicCheckpointIO, DiskFullError, _WriteErrors
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, path)
+
+    class FillsUp:  # the file on a disk with 200 bytes left
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 200:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    wrap = _WriteErrors.__init__
+    monkeypatch.setattr(_WriteErrors, "__init__", lambda self, f: wrap(self, FillsUp(f)))
+    with pytest.raises(DiskFullError) as err:
+        io.save_checkpoint({"global_step": 2, "w": torch.ones(1000)}, path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "MiB free" in message and "intact" in message
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no partial file
+    assert io.load_checkpoint(path)["global_step"] == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 50 MiB tmpfs: a tiny model's checkpoint is ~20 MB and its first save writes two (the periodic file and
+    last.ckpt); the next save's new file does not fit beside them."""
+    mount = tmp_path / "run" / "checkpoints"
+    mount.mkdir(parents=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=50m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or 'mount failed'}); the writer's "
+                    "ENOSPC handling is tested without one above")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_run_on_a_full_disk_stops_with_one_line_and_resumes_once_there_is_room(small_disk, image_folder, tmp_path):
+    run = small_disk.parent
+    config = write_train_yaml(tmp_path / "train.yaml", image_folder, image_every=0, trainer={"max_steps": 6})
+    proc = main_py("-t", "--base", TINY_MODEL, config, "lightning.modelcheckpoint.params.every_n_epochs=null",
+                   "+lightning.modelcheckpoint.params.every_n_train_steps=2",
+                   env=main_env(SD_FINETUNE_RUN_DIR=str(run)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left" in errors[0] and f"writing {small_disk}/" in errors[0], errors
+    assert "Traceback" not in proc.stderr
+    assert held_step(small_disk / "last.ckpt") == 2  # the checkpoint before the full disk, whole
+    assert not list(small_disk.glob(PARTIAL_GLOB))
+    subprocess.run(["mount", "-o", "remount,size=100m", str(small_disk)], check=True)  # the user made room
+    proc = main_py("-r", run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert held_step(small_disk / "last.ckpt") == 6

@@ -38,9 +38,10 @@ class DiskFullError(ConfigError):
 def disk_full_message(path: str, err: OSError) -> str:
     folder = os.path.dirname(path)
     free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "no file was replaced"
     return (f"no space left on the device writing {path} ({free / 2**20:.1f} MiB free in {folder}; "
-            f"{os.strerror(err.errno)}): the previous {os.path.basename(path)} is intact and the partial file was "
-            "removed; free some space (or move the run dir) and resume with -r")
+            f"{os.strerror(err.errno)}): {kept} and the partial file was removed; free some space (or move the "
+            "run dir) and resume with -r")
 
 
 def unreadable_reason(path: str | os.PathLike) -> str | None:

@@ -5,6 +5,7 @@ import difflib
 import inspect
 import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -64,6 +65,7 @@ def default_callbacks(logdir: Path, now: str, config: dict, lightning_config: di
         "nan_guard": {},
         "save_on_interrupt": {"ckpt_dir": ckptdir},
         "random_state": {},
+        "rank_watch": {},
         "loss_curve": {"logdir": str(logdir)},
         "progress": {"logdir": str(logdir)},
         "report": {"logdir": str(logdir), "disabled": False},
@@ -123,6 +125,7 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
     from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
     from ldm.callbacks.checkpoint_io import AtomicCheckpointIO, remove_partial_writes
+    from ldm.callbacks.rank_watch import is_lost_peer, lost_rank_line, watched_report
     from ldm.weights import load_weights
 
     lightning_config = to_container(config.pop("lightning", None)) or {}  # from here on, plain dicts
@@ -168,6 +171,14 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
             # Lightning raises SystemExit(None) here (exit status 0) after SaveOnInterrupt wrote last.ckpt;
             # job schedulers and shells must see that the run was stopped, as a shell reports a SIGTERM.
             return 128 + signal.SIGTERM
+        except Exception as err:
+            if trainer.world_size > 1 and is_lost_peer(err):  # a DDP process died: one line, not a traceback
+                if watched_report(trainer) is None:  # rank 0's RankWatch names the rank when it can
+                    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                    print(lost_rank_line(trainer, f"rank {trainer.global_rank} lost the other processes ({reason})"),
+                          file=sys.stderr, flush=True)
+                return 1
+            raise
     if not args.no_test and "test" in getattr(data, "datasets", {}) and not trainer.interrupted:
         trainer.test(model, data)
     if not args.train and "validation" in getattr(data, "datasets", {}):

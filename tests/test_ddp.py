@@ -7,6 +7,7 @@ it wrote inside the run dir.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,55 @@ def test_only_rank_zero_writes(ddp):
     assert sorted(w for w in written if w.startswith("images/")) == images  # each written once, by rank 0
     assert any(w.startswith("checkpoints/.last.ckpt") for w in written)
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == STEPS
+
+
+@pytest.mark.parametrize("victim", ["rank 1", "rank 0"])
+def test_a_killed_rank_stops_the_others_with_one_line_and_the_run_resumes(tmp_path, image_folder, victim):
+    """kill -9 of one process of a 2-process run once it has written a checkpoint: the other stops within 30 s with
+    one ``error: DDP: ...`` line (rank 0 names the rank that died) and no traceback; last.ckpt reads whole and -r
+    continues with both processes."""
+    import signal
+    import time
+
+    from ldm.callbacks.checkpoint_io import unreadable_reason
+
+    config = write_train_yaml(tmp_path / "ddp.yaml", image_folder, image_every=0,
+                              trainer={"max_steps": 400, "devices": 2, "strategy": "ddp"})
+    every = ["lightning.modelcheckpoint.params.every_n_epochs=null",
+             "+lightning.modelcheckpoint.params.every_n_train_steps=2"]
+    main = subprocess.Popen([sys.executable, "main.py", "-t", "--base", str(TINY_MODEL), str(config),
+                             "-l", str(tmp_path / "logs"), *every], cwd=REPO, env=main_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 300
+        while not list((tmp_path / "logs").glob("*/checkpoints/last.ckpt")) and time.monotonic() < end:
+            assert main.poll() is None, main.communicate()[1][-3000:]
+            time.sleep(0.2)
+        children = subprocess.run(["pgrep", "-P", str(main.pid), "-f", "main.py"], capture_output=True, text=True)
+        child = int(children.stdout.split()[0])
+        killed, survivor = (child, main.pid) if victim == "rank 1" else (main.pid, child)
+        os.kill(killed, signal.SIGKILL)
+        stopped = time.monotonic()
+        # The child writes to the same stderr pipe, so this returns once both processes have ended.
+        err = main.communicate(timeout=60)[1]
+        assert not os.path.exists(f"/proc/{survivor}") or open(f"/proc/{survivor}/stat").read().split()[2] == "Z"
+        assert main.returncode == (1 if victim == "rank 1" else -signal.SIGKILL)
+        took = time.monotonic() - stopped
+    finally:
+        if main.poll() is None:
+            main.kill()
+    lines = [line for line in err.splitlines() if line.startswith("error: DDP:")]
+    expected = f"error: DDP: rank 1 (pid {child}) killed by SIGKILL" if victim == "rank 1" else \
+        "error: DDP: rank 1 lost the other processes"
+    assert len(lines) == 1 and lines[0].startswith(expected), err[-3000:]
+    assert "Traceback" not in err
+    assert took < 30
+    print(f"DDP {victim} killed: the other process stopped in {took:.1f} s")
+    run = run_dirs(tmp_path / "logs")[0]
+    last = run / "checkpoints" / "last.ckpt"
+    assert unreadable_reason(last) is None
+    held = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    proc = subprocess.run([sys.executable, "main.py", "-r", str(run), f"lightning.trainer.max_steps={held + 2}"],
+                          cwd=REPO, env=main_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == held + 2

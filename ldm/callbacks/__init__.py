@@ -12,7 +12,8 @@ DEFAULT_TARGETS = {
     "checkpoint": "ldm.callbacks.checkpoints.RunCheckpoint",
     "nan_guard": "ldm.callbacks.faults.NaNGuard",
     "save_on_interrupt": "ldm.callbacks.faults.SaveOnInterrupt",
-    "random_state": "ldm.callbacks.random_state.RandomState",  # a resumed run draws the numbers it would have
+    "random_state": "ldm.callbacks.random_state.RandomState",
+    "rank_watch": "ldm.callbacks.rank_watch.RankWatch",  # DDP: a rank that dies is named, the others stop  # a resumed run draws the numbers it would have
     "loss_curve": "ldm.callbacks.loss_curve.LossCurve",
     "progress": "ldm.callbacks.progress.ProgressFrames",  # off until params.every_n_steps is set
     "report": "ldm.callbacks.report.RunReport",

@@ -50,7 +50,7 @@ from tests.other_tools import (CACHE, add_recipe_lora, cached_venv, random_sd1, 
 INVOKEAI = "invokeai==6.14.2"
 VENV = Path(os.environ.get("SD_FINETUNE_INVOKEAI_VENV", CACHE / "invokeai-venv"))
 PROMPT = ["a photo of a rocket"]
-TOLERANCE = 1e-4  # fp32 on both sides; measured: 0 for the text encoder, 1e-6 for the UNet
+TOLERANCE = 1e-4  # fp32 on both sides; measured: 0 for the text encoder, 1.3e-6 for the UNet
 
 pytestmark = pytest.mark.slow
 

@@ -28,13 +28,9 @@ files and sample diffusers' image, ~30 s per sd.cpp subprocess (load and three 6
 from __future__ import annotations
 
 import gc
-import json
 import os
 import re
-import subprocess
-import sys
 import time
-import venv
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +38,11 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.other_tools import (CACHE, add_recipe_lora, cached_venv, random_sd1, run_script, write_lora_files,
+                               write_single_files)
+
 SDCPP = "stable-diffusion-cpp-python==0.4.7"
-VENV = Path(os.environ.get("SD_FINETUNE_SDCPP_VENV", Path.home() / ".cache/sd-finetune/sdcpp-venv"))
+VENV = Path(os.environ.get("SD_FINETUNE_SDCPP_VENV", CACHE / "sdcpp-venv"))
 SEED, STEPS, CFG, PROMPT = 42, 4, 3.0, "a photo of a rocket"  # 999 / (STEPS - 1) whole: sd.cpp's and diffusers'
 # discrete sigmas then fall on the same training timesteps (999, 666, 333, 0), with no interpolation to differ in
 
@@ -73,41 +71,16 @@ mark("done")
 
 
 def sdcpp_python() -> Path:
-    """The cached venv's python with stable-diffusion-cpp-python built in it; skips the test if it cannot be built."""
-    python = VENV / "bin" / "python"
-    probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('stable-diffusion-cpp-python'))"]
-    if python.exists() and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == SDCPP.split("==")[1]:
-        return python
-    VENV.parent.mkdir(parents=True, exist_ok=True)
-    venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    start = time.time()
-    build = subprocess.run([str(python), "-m", "pip", "install", "--no-cache-dir", SDCPP], capture_output=True,
-                           text=True, env={**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
-    if build.returncode != 0:
-        tail = (build.stdout + build.stderr).strip().splitlines()[-15:]
-        pytest.skip(f"{SDCPP} could not be installed (built from source) in {VENV}: " + " | ".join(tail))
-    print(f"built {SDCPP} in {time.time() - start:.0f} s")
-    return python
+    """The cached venv's python with stable-diffusion-cpp-python (built from source) in it."""
+    return cached_venv(VENV, SDCPP, env={"CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)})
 
 
 def write_files(out: Path) -> tuple[dict[str, Path], dict[str, str], np.ndarray]:
     """Model files (fp32, fp16), LoRA files ({name: layout}, in ``out/lora``) and diffusers' image (H, W, 3 uint8)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from ldm.config import load_yaml, to_container
-    from ldm.lora import add_lora, save_lora
-    from ldm.util import instantiate_from_config
-    from ldm.weights import export_single_file
-    from ldm.weights.export import Exportable
-
-    cfg = to_container(load_yaml(ROOT / "configs/architectures/sd-v1.yaml").model)
-    cfg["params"]["use_ema"] = False
-    torch.manual_seed(0)
-    model = instantiate_from_config(cfg).eval()
-    item = Exportable(model.state_dict(), model, {"config": {}})
-    models = {"fp32": export_single_file(item, out / "sd-v1-fp32.safetensors", progress=False),
-              "fp16": export_single_file(item, out / "sd-v1-fp16.safetensors", half=True, progress=False)}
-    del item
+    model = random_sd1()
+    models = write_single_files(model, out)
 
     modules = {row.diffusers: row.module for row in model.weight_components()}
     modules["vae"].register_to_config(scaling_factor=model.first_stage_model.scale_factor)
@@ -124,16 +97,8 @@ def write_files(out: Path) -> tuple[dict[str, Path], dict[str, str], np.ndarray]
     theirs = (image * 255).round().clip(0, 255).astype(np.uint8)
     del pipe, modules
 
-    # The recipe's adapters (what model.params.lora adds in LatentDiffusion.__init__), text encoder's included.
-    lora = {**to_container(load_yaml(ROOT / "configs/dreambooth-lora.yaml").model.params.lora), "text_encoder": True}
-    add_lora(model, **lora)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # B starts at zero; random values make every adapter count
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
-    loras = {"ours_kohya": "kohya", "ours_diffusers": "diffusers"}
-    for name, layout in loras.items():
-        save_lora(model, out / "lora" / f"{name}.safetensors", layout=layout, check=False)
+    add_recipe_lora(model)
+    loras = write_lora_files(model, out / "lora")
     del model
     gc.collect()
     return models, loras, theirs
@@ -142,11 +107,7 @@ def write_files(out: Path) -> tuple[dict[str, Path], dict[str, str], np.ndarray]
 def run_sdcpp(python: Path, model: Path, lora_dir: Path, loras: dict[str, str], out: Path) -> str:
     spec = {"model": str(model), "lora_dir": str(lora_dir), "out": str(out), "prompt": PROMPT, "cfg": CFG,
             "steps": STEPS, "seed": SEED, "runs": [["base", None]] + [[name, name] for name in loras]}
-    done = subprocess.run([str(python), "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=1200, env={**os.environ, "PYTHONPATH": ""})
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
-    return log
+    return run_script(python, RUNNER, spec)
 
 
 def sections(log: str) -> dict[str, str]:

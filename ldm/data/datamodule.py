@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.config import to_container
 from ldm.data.buckets import CROPS, RESIZE_FILTERS, SMALL_BUCKETS, BucketCrop, BucketSampler, assign_buckets, bucket_sizes
+from ldm.data.caption_length import warn_long_captions
 from ldm.data.holdout import Indexed, hold_out
 from ldm.data.images import ImageCaptionDataset
 from ldm.data.text_only import TextOnly
@@ -238,6 +239,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self._prepared = True
         trainer = getattr(self, "trainer", None)
         self.prepare_buckets(trainer.lightning_module if trainer is not None else None)
+        if trainer is not None and trainer.is_global_zero:
+            warn_long_captions(image_datasets(self.datasets["train"]), trainer.lightning_module)
 
     def prepare_train(self, model=None, device: torch.device | None = None, run_dir: str | None = None) -> None:
         """Buckets, then caches: what ``setup`` and ``LatentDiffusion.on_fit_start`` do in a run, for scripts and

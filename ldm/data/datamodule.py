@@ -118,6 +118,8 @@ def build_dataset(split: str, cfg: Mapping[str, Any]) -> Dataset:
         raise ConfigError(f"data.params.{split}.repeats must be an integer >= 1, got {repeats!r}")
     try:
         dataset = instantiate_from_config(cfg)
+    except ConfigError as err:  # the dataset's own message, with the key it came from
+        raise err if str(err).startswith("data.params.") else ConfigError(f"data.params.{split}: {err}") from err
     except TypeError as err:
         if "argument" not in str(err):  # a bug inside the dataset, not a wrong or missing param name
             raise

@@ -32,7 +32,9 @@ def str2bool(v: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # exit_on_error=False: a bad flag value becomes one error line (parse_args), not argparse's usage block.
+    p = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                exit_on_error=False)
     p.add_argument("-t", "--train", action="store_true", help="train (without it, only validate/test the model)")
     p.add_argument("-b", "--base", nargs="*", metavar="config.yaml", default=[],
                    help="YAML configs, merged left to right; later files win")
@@ -57,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        raise ConfigError(f"{err} (see python main.py --help)") from None
     override = re.compile(r"^\+?[A-Za-z_][\w\-]*(\.[\w\-]+)*=")
     for item in unknown:
         if not override.match(item):

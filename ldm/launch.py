@@ -96,7 +96,10 @@ def trainer_kwargs(trainer_cfg: dict, gpus: str | None, num_nodes: int) -> dict:
     kwargs = {"accelerator": "auto", "devices": 1, "num_nodes": num_nodes}
     kwargs.update(trainer_cfg)
     if gpus is not None:
-        ids = [int(g) for g in str(gpus).replace(" ", "").strip(",").split(",") if g != ""]
+        try:
+            ids = [int(g) for g in str(gpus).replace(" ", "").strip(",").split(",") if g != ""]
+        except ValueError:
+            raise ConfigError(f"--gpus {gpus}: expected GPU ids such as 0 or 0,1") from None
         if not torch.cuda.is_available():
             raise ConfigError(f"--gpus {gpus}: no CUDA GPU is visible here; to train on the CPU drop --gpus "
                               "(or set lightning.trainer.accelerator=cpu lightning.trainer.devices=N for N processes)")

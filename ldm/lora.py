@@ -123,13 +123,18 @@ def load_lora(model, path: str | Path, scale: float = 1.0, adapter_name: str = "
     from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 
-    from ldm.lora_files import read_lora
+    from ldm.lora_files import for_another_model, read_lora
+    from ldm.weights.load import model_description
 
     state, alphas, meta = read_lora(path, unet_config=model.unet.config)
     if not any(k.startswith("unet.") for k in state):
         raise ConfigError(f"{str(path)!r} holds no UNet adapters (keys like {next(iter(state), '-')!r}); "
                           "expected a Stable Diffusion LoRA")
-    StableDiffusionPipeline.load_lora_into_unet(state, alphas, model.unet, adapter_name=adapter_name, metadata=meta)
+    try:
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, model.unet, adapter_name=adapter_name,
+                                                    metadata=meta)
+    except RuntimeError as err:  # torch's load_state_dict: adapters shaped for another model's layers
+        raise for_another_model(err, path, f"{model_description(model)} here") from None
     model.unet.set_adapters([adapter_name], weights=[scale])
     if any(k.startswith("text_encoder.") for k in state):
         text_encoder = model.cond_stage_model.lora_modules().get("text_encoder")

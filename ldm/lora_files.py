@@ -139,3 +139,12 @@ def read_lora(path: str | Path, unet_config=None):
         return StableDiffusionPipeline.lora_state_dict(str(path), unet_config=unet_config, return_lora_metadata=True)
     except (ValueError, KeyError, OSError) as err:
         raise ConfigError(f"{str(path)!r} is not a LoRA file diffusers reads (kohya or diffusers layout): {err}")
+
+
+def for_another_model(err: RuntimeError, path: str | Path, here: str) -> ConfigError:
+    """The one-line error for torch's ``size mismatch`` while loading adapters (a LoRA of a model whose layers are
+    shaped otherwise); re-raises ``err`` when it is anything else."""
+    mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
+    if mismatch is None:
+        raise err
+    return ConfigError(f"{str(path)!r} is a LoRA for another model ({here}): {mismatch}")

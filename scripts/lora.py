@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never wait on the Hub
 
+from ldm.lora_files import for_another_model  # noqa: E402
 from ldm.util import ConfigError, run_cli  # noqa: E402
 
 
@@ -31,7 +32,10 @@ def merge(base: Path, lora: Path, out: Path, scale: float = 1.0) -> Path:
     if not lora.is_file():
         raise ConfigError(f"LoRA file {str(lora)!r} does not exist")
     pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lora")
+    try:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lora")
+    except RuntimeError as err:
+        raise for_another_model(err, lora, f"the base is {base}") from None
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale)
     pipe.unload_lora_weights()
     pipe.save_pretrained(str(out), safe_serialization=True)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.config import to_container
 from ldm.data.buckets import CROPS, RESIZE_FILTERS, SMALL_BUCKETS, BucketCrop, assign_buckets, bucket_sizes
+from ldm.data.caption_length import warn_long_captions
 from ldm.data.holdout import Indexed, hold_out
 from ldm.data.resume import EpochOrder, ResumableLoader, SeededItems, train_position
 from ldm.data.images import ImageCaptionDataset
@@ -118,6 +119,8 @@ def build_dataset(split: str, cfg: Mapping[str, Any]) -> Dataset:
         raise ConfigError(f"data.params.{split}.repeats must be an integer >= 1, got {repeats!r}")
     try:
         dataset = instantiate_from_config(cfg)
+    except ConfigError as err:  # the dataset's own message, with the key it came from
+        raise err if str(err).startswith("data.params.") else ConfigError(f"data.params.{split}: {err}") from err
     except TypeError as err:
         if "argument" not in str(err):  # a bug inside the dataset, not a wrong or missing param name
             raise
@@ -239,6 +242,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
         self._prepared = True
         trainer = getattr(self, "trainer", None)
         self.prepare_buckets(trainer.lightning_module if trainer is not None else None)
+        if trainer is not None and trainer.is_global_zero:
+            warn_long_captions(image_datasets(self.datasets["train"]), trainer.lightning_module)
 
     def prepare_train(self, model=None, device: torch.device | None = None, run_dir: str | None = None) -> None:
         """Buckets, then caches: what ``setup`` and ``LatentDiffusion.on_fit_start`` do in a run, for scripts and

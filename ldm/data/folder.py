@@ -110,7 +110,7 @@ def read_caption_file(path: Path, file_key: str = "file_name", caption_key: str 
         rows = [(f"line {reader.line_num}", row) for row in reader]
     else:
         rows = [(f"line {n}", row) for n, row in jsonl_rows(path, text)]
-    captions = {}
+    captions, first_seen = {}, {}
     for where, row in rows:
         if file_key not in row or caption_key not in row:
             raise ConfigError(f"caption file '{path}' {where}: needs keys {file_key!r} and {caption_key!r}, "
@@ -118,8 +118,22 @@ def read_caption_file(path: Path, file_key: str = "file_name", caption_key: str 
         if not isinstance(row[file_key], str) or not row[file_key].strip():
             raise ConfigError(f"caption file '{path}' {where}: {file_key!r} must be an image path, got "
                               f"{json.dumps(row[file_key])[:60]}")
-        captions[row[file_key]] = _caption_text(row[caption_key], path, where, caption_key)
+        text = _caption_text(row[caption_key], path, where, caption_key)
+        name = row[file_key]
+        if name in first_seen:
+            # The first row wins, as for a file listed twice in a hand-made list; a later row is most often a paste.
+            _warn_once(f"{path}:{where}", "caption file '%s' %s: %r is listed again (first on %s); the later row "
+                       "is ignored", path, where, name, first_seen[name])
+            continue
+        first_seen[name] = where
+        captions[name] = text
     return captions
+
+
+def _warn_once(key: str, message: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
 
 
 def _key(path: str | os.PathLike) -> str:
@@ -162,8 +176,12 @@ class FolderCaptions:
             if not path.is_file():
                 raise ConfigError(f"caption_file '{caption_file}' does not exist (also looked in '{root}')")
             self.caption_file = path
-            self.rows = {_key(path.parent / name): text
-                         for name, text in read_caption_file(path, file_column, caption_column).items()}
+            listed = read_caption_file(path, file_column, caption_column)
+            self.rows = {_key(path.parent / name): text for name, text in listed.items()}
+            for name in listed:
+                if not os.path.lexists(path.parent / name):  # lexists: a broken link is an image to skip, not a gap
+                    _warn_once(f"{path}:{name}", "caption file '%s' lists %r, which is not in '%s'; its row is "
+                               "ignored", path, name, path.parent)
 
     def __call__(self, image: str | os.PathLike) -> str:
         return self.rows.get(_key(image)) or sidecar_caption(image, self.caption_ext)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import random
 from pathlib import Path
@@ -24,6 +25,8 @@ from ldm.data.folder import jsonl_rows, sidecar_caption
 from ldm.data.images import ImageCaptionDataset, ImageSource
 from ldm.data.transforms import build_transforms
 from ldm.util import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -93,7 +96,30 @@ class HFImageCaption(ImageCaptionDataset):
         if isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.ds = ds.select_columns([image_column, text_column])
+        if sidecars:
+            self.ds = self._without_missing_or_repeated_files()
         self.from_sidecar = self._sidecar_captions() if sidecars else {}
+
+    def _without_missing_or_repeated_files(self) -> datasets.Dataset:
+        """A local imagefolder's rows minus those whose file is not there and repeats of a file already listed
+        (the first row wins), one warning each: the same rule as FolderDataset's caption file."""
+        keep, first = [], {}
+        for i, image in enumerate(self.ds[self.image_column]):
+            path = image.get("path") if isinstance(image, dict) else image
+            if not isinstance(path, str):
+                keep.append(i)
+            elif path in first:
+                log.warning("hf_dataset %r: row %d lists %s again (first in row %d); the later row is ignored",
+                            self.name, i, path, first[path])
+            elif not os.path.lexists(path):
+                log.warning("hf_dataset %r: row %d lists %s, which does not exist; the row is ignored",
+                            self.name, i, path)
+            else:
+                first[path] = i
+                keep.append(i)
+        if not keep:
+            raise ConfigError(f"hf_dataset: none of the {len(self.ds)} rows of {self.name!r} names an existing file")
+        return self.ds if len(keep) == len(self.ds) else self.ds.select(keep)
 
     def _sidecar_captions(self) -> dict[int, str]:
         """``{row: sidecar caption}`` for rows of a local imagefolder whose caption is empty, read once up front."""
@@ -109,6 +135,14 @@ class HFImageCaption(ImageCaptionDataset):
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def named_captions(self):
+        """From the text column alone (``_record`` would read every image's bytes); every caption of a row that has
+        several."""
+        for i, caption in enumerate(self.ds[self.text_column]):
+            for text in caption if isinstance(caption, (list, tuple)) else [caption]:
+                text = "" if text is None else str(text).strip()
+                yield f"{self.name}[{i}]", text or self.from_sidecar.get(i, "")
 
     @property
     def fixed_captions(self) -> bool:

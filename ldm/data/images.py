@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Iterator, Union
 
 import numpy as np
 import torch
@@ -223,6 +223,12 @@ class ImageCaptionDataset(Dataset):
         """A string that changes when item ``i``'s image file does (for cache keys)."""
         src, name, _ = self._record(i)
         return source_identity(src, name)
+
+    def named_captions(self) -> Iterator[tuple[str, str]]:
+        """``(display name, caption as stored)`` of every item, for checks made once before training."""
+        for i in range(len(self)):
+            _, name, caption = self._record(i)
+            yield name, caption
 
     def caption_of(self, i: int) -> str:
         caption = self._record(i)[2]

@@ -134,6 +134,11 @@ class TarShards(IterableDataset, ImageCaptionDataset):
     def __getitem__(self, i: int) -> Any:
         raise TypeError("TarShards is streamed: iterate over it (no random access)")
 
+    def named_captions(self) -> Iterator[tuple[str, str]]:
+        """Nothing: captions arrive with the stream, and reading every shard up front to check them would cost
+        the pass that streaming avoids."""
+        return iter(())
+
     def __len__(self) -> int:
         """Samples per process per epoch (what one GPU's DataLoader sees)."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -29,7 +29,7 @@ class TextOnly(Dataset):
         caption_file: str | None = None,
         seed: int = 0,
         n_per_caption: int = 1,
-        output_size: int | Sequence[int] | None = None,
+        output_size: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
     ) -> None:
         prompts = [str(c) for c in captions or []]
         if caption_file is not None:

@@ -164,7 +164,7 @@ class CLIPImageConditioner(Conditioner):
         ucg_rate: probability of replacing a row's embedding with zeros during training.
     """
 
-    def __init__(self, config: dict | None = None, pretrained: str | None = None, subfolder: str = "image_encoder",
+    def __init__(self, config: dict | None = None, pretrained: str | None = None, subfolder: str | None = "image_encoder",
                  image_size: int | None = None, interpolation: str = "bicubic", antialias: bool = True,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, trainable: bool = False,
                  ucg_rate: float = 0.0):

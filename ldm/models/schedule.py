@@ -24,7 +24,8 @@ class NoiseSchedule:
                  beta_schedule: str = "scaled_linear", parameterization: str = "eps", snr_gamma: float | None = None,
                  noise_offset: float = 0.0, input_perturbation: float = 0.0, zero_terminal_snr: bool = False):
         if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {sorted(PARAMETERIZATIONS)}, got {parameterization!r}")
+            raise ConfigError(f"model.params.parameterization must be one of {sorted(PARAMETERIZATIONS)}, "
+                              f"got {parameterization!r}")
         self.prediction_type = PARAMETERIZATIONS[parameterization]
         self.snr_gamma = snr_gamma
         for key, value in (("noise_offset", noise_offset), ("input_perturbation", input_perturbation)):

@@ -78,22 +78,23 @@ def resolve_resume(resume: str) -> tuple[Path, Path, list[Path]]:
     """A run dir or a checkpoint inside one → (run dir, checkpoint, its saved configs).
 
     A run dir resumes from ``checkpoints/last.ckpt``, or, when that is missing, truncated or corrupt, from the
-    newest checkpoint of the run that reads whole, saying so; a named checkpoint file must read whole itself."""
-    from ldm.callbacks.checkpoint_io import newest_readable, unreadable_reason
+    newest checkpoint of the run that reads whole and is a training checkpoint, saying so; a named checkpoint file
+    must be one itself."""
+    from ldm.callbacks.checkpoint_io import newest_readable, not_resumable_reason
 
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"--resume: {resume!r} does not exist (give a run dir under logs/ or a .ckpt in one)")
     if path.is_file():
         logdir, ckpt = path.parent.parent, path
-        problem = unreadable_reason(ckpt)
+        problem = not_resumable_reason(ckpt)
         if problem:
             other = newest_readable(ckpt.parent, exclude=(ckpt,))
             hint = f"; the newest readable checkpoint of the run is {other}" if other else ""
             raise ConfigError(f"--resume: {ckpt} cannot be resumed from: {problem}{hint}")
     else:
         logdir, ckpt = path, path / "checkpoints" / "last.ckpt"
-        problem = unreadable_reason(ckpt) if ckpt.exists() else "it does not exist"
+        problem = not_resumable_reason(ckpt) if ckpt.exists() else "it does not exist"
         if problem:
             fallback = newest_readable(ckpt.parent, exclude=(ckpt,)) if ckpt.parent.is_dir() else None
             if fallback is None:

@@ -174,7 +174,11 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
             # Lightning raises SystemExit(None) here (exit status 0) after SaveOnInterrupt wrote last.ckpt;
             # job schedulers and shells must see that the run was stopped, as a shell reports a SIGTERM.
             return 128 + signal.SIGTERM
-        except Exception as err:
+        except RuntimeError as err:
+            if resume_ckpt is not None and "Error(s) in loading state_dict" in str(err):
+                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+                raise ConfigError(f"--resume: {resume_ckpt} does not fit this model (it was trained with another "
+                                  f"architecture): {' '.join(lines[1:3])[:300]}") from None
             if trainer.world_size > 1 and is_lost_peer(err):  # a DDP process died: one line, not a traceback
                 if watched_report(trainer) is None:  # rank 0's RankWatch names the rank when it can
                     reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__

@@ -168,7 +168,12 @@ def resume_error(args: list[str], capsys) -> str:
 
     from ldm.util import run_cli
 
-    assert run_cli(main.run, args) == 2
+    saved = dict(os.environ)  # main.run sets the run dir for its DDP processes; later tests must not inherit it
+    try:
+        assert run_cli(main.run, args) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
@@ -180,6 +185,12 @@ def test_a_broken_checkpoint_named_on_the_command_line_is_one_line_naming_a_read
     bad.write_bytes(bad.read_bytes()[:1000])
     line = resume_error(["-r", str(bad)], capsys)
     assert str(bad) in line and "truncated" in line and "the newest readable checkpoint of the run is" in line
+
+
+def test_resuming_into_another_architecture_is_one_line(short_run, tmp_path, capsys):
+    run = copy_run(short_run, tmp_path)
+    line = resume_error(["-r", str(run), "model.params.unet_config.params.config.layers_per_block=2"], capsys)
+    assert "does not fit this model" in line and "last.ckpt" in line
 
 
 def test_no_readable_checkpoint_at_all_is_one_line(short_run, tmp_path, capsys):

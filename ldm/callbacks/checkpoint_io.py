@@ -64,11 +64,32 @@ def unreadable_reason(path: str | os.PathLike) -> str | None:
     return f"its entry {bad} is corrupt (checksum mismatch)" if bad else None
 
 
+def not_resumable_reason(path: str | os.PathLike) -> str | None:
+    """:func:`unreadable_reason`, or why a whole file is still no training checkpoint to resume from: it holds
+    Python objects the safe unpickler refuses, or not Lightning's ``state_dict`` / ``loops`` / ``global_step``.
+    Its tensors are memory-mapped, not read, so this costs little even for a 14 GB checkpoint."""
+    problem = unreadable_reason(path)
+    if problem:
+        return problem
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        return f"it holds Python objects the safe loader refuses ({str(err).splitlines()[0][:160]})"
+    except Exception as err:  # a zip that is whole but no torch file of this torch
+        return f"torch cannot load it ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+    missing = [k for k in ("state_dict", "loops", "global_step") if not isinstance(content, dict) or k not in content]
+    if missing:
+        return (f"it is not a training checkpoint ({type(content).__name__} without {', '.join(missing)}); "
+                "to start a new run from its weights use --finetune_from")
+    return None
+
+
 def newest_readable(ckpt_dir: str | os.PathLike, exclude: tuple[Path, ...] = ()) -> Path | None:
-    """The most recently written checkpoint in ``ckpt_dir`` that reads whole (links such as best.ckpt skipped)."""
+    """The most recently written checkpoint in ``ckpt_dir`` that a run can resume from (links such as best.ckpt
+    skipped)."""
     candidates = [p for p in Path(ckpt_dir).glob("*.ckpt") if not p.is_symlink() and p not in exclude]
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
-        if unreadable_reason(path) is None:
+        if not_resumable_reason(path) is None:
             return path
     return None
 

@@ -118,8 +118,8 @@ class _WriteErrors:
             self.error = self.error or err
             raise
 
-    def flush(self) -> None:
-        self.f.flush()
+    def __getattr__(self, name: str) -> Any:  # tell, seek, ...: the file's own
+        return getattr(self.f, name)
 
 
 def atomic_torch_save(obj: Any, path: _PATH) -> None:

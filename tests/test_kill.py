@@ -263,3 +263,11 @@ def test_a_run_on_a_full_disk_stops_with_one_line_and_resumes_once_there_is_room
     proc = main_py("-r", run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert held_step(small_disk / "last.ckpt") == 6
+
+
+def test_a_nan_loss_through_main_py_is_one_line(tmp_path, image_folder):
+    config = write_train_yaml(tmp_path / "train.yaml", image_folder, image_every=0, trainer={"max_steps": 4})
+    proc = main_py("-t", "--base", TINY_MODEL, config, "-l", tmp_path / "logs", "model.base_learning_rate=1e30")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: loss became nan at global step 1; last good checkpoint is none written yet"]

@@ -25,11 +25,14 @@ import torch
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ldm.util import ConfigError
+
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf. A subclass so handlers can tell it apart from other float errors."""
+class NonFiniteLossError(FloatingPointError, ConfigError):
+    """The loss became NaN/inf. A subclass so handlers can tell it apart from other float errors; a ConfigError too,
+    so main.py prints it as one line (the user acts on it: a lower LR, another config)."""
 
 
 def last_good_checkpoint(trainer: Optional["pl.Trainer"]) -> Optional[str]:

@@ -32,7 +32,7 @@ class CLIPTextConditioner(Conditioner):
         ucg_rate: probability of replacing a caption with "" during training.
     """
 
-    def __init__(self, config: dict | None = None, pretrained: str | None = None, subfolder: str = "text_encoder",
+    def __init__(self, config: dict | None = None, pretrained: str | None = None, subfolder: str | None = "text_encoder",
                  tokenizer: str | None = None, pad_token: str = "<|endoftext|>", max_length: int = 77,
                  layer: str = "last", trainable: bool = False, ucg_rate: float = 0.0):
         super().__init__()

@@ -83,6 +83,8 @@ def _load(model, src: Source, ema: bool, assign: bool = False) -> tuple[str, lis
     ``assign`` makes the model use the source's tensors (memory-mapped from the file) instead of copying them
     into its freshly initialised ones: half the peak memory when a full-size model is built just to be loaded.
     """
+    if src.kind == "original" and src.description.startswith("SDXL") != model_description(model).startswith("SDXL"):
+        raise ConfigError(f"{str(src.path)!r} is {src.description}; expected {model_description(model)}")
     state, n_ema = project_state(model, src, ema)
     own = model.state_dict()
     state = _onto_lora_layers(state, own)

@@ -38,11 +38,11 @@ def describe(state: dict) -> str:
     """A short name for what ``state`` holds, from its keys and shapes (e.g. 'SD 2.x (OpenCLIP ..., 1024-d context)')."""
     keys = list(state)
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        if not any(k.startswith(XL_CLIP) for k in keys):
+        if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
             return "an SDXL refiner (one OpenCLIP text encoder under conditioner.embedders.0.model.*)"
         ctx = _context_dim(state, UNET)
         name = "SDXL" if ctx == 2048 else "SDXL-shaped"
-        return f"{name} (CLIP + OpenCLIP text encoders, {ctx}-d context)"
+        return f"{name} (CLIP + OpenCLIP text encoders{f', {ctx}-d context' if ctx else ''})"
     loras = [k for k in keys if "lora" in k.lower()]
     if loras:
         return f"a LoRA ({len(loras)} low-rank adapter tensors like {loras[0]!r}), not a full model"

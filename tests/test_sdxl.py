@@ -31,8 +31,8 @@ REFERENCE = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpm++": DP
 STEPS, SCALE, H, W = 4, 5.0, 32, 24
 
 
-def make_tiny_sd():
-    spec = importlib.util.spec_from_file_location("make_tiny_sd", ROOT / "scripts/make_tiny_sd.py")
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,7 +41,7 @@ def make_tiny_sd():
 @pytest.fixture(scope="module")
 def sdxl_folder(tmp_path_factory) -> Path:
     """The tiny SDXL pipeline folder, written by ``make_tiny_sd.py --sdxl`` (seed 0)."""
-    script = make_tiny_sd()
+    script = load_script("make_tiny_sd")
     out = tmp_path_factory.mktemp("models") / "tiny-sdxl"
     assert script.main(["--sdxl", "--out", str(out)]) == 0
     return out
@@ -236,9 +236,7 @@ def test_img2img_matches_the_sdxl_img2img_pipeline(model, pipe, sampler, negativ
 
 
 def test_scripts_sample_an_sdxl_folder(sdxl_folder, model, tmp_path):
-    spec = importlib.util.spec_from_file_location("guidance_sweep", ROOT / "scripts/guidance_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_script("guidance_sweep")
     out = tmp_path / "sweep"
     assert sweep.main(["--ckpt", str(sdxl_folder), "--prompt", "a cat", "--scales", "1", "5", "--seeds", "0",
                        "--ddim_steps", str(STEPS), "--H", str(H), "--W", str(W), "--outdir", str(out)]) == 0
@@ -246,6 +244,12 @@ def test_scripts_sample_an_sdxl_folder(sdxl_folder, model, tmp_path):
     assert len(cells) == 2
     direct = inference.to_uint8(inference.txt2img(model, ["a cat"], H, W, "", gen(0), "ddim", STEPS, 5.0))[0]
     assert maxdiff(np.asarray(outputs.load_init_image(cells[1])), direct) <= 1
+    gif = tmp_path / "denoise.gif"
+    assert load_script("make_gifs").main(["denoise", "--ckpt", str(sdxl_folder), "--prompt", "a cat", "--ddim_steps",
+                                          str(STEPS), "--H", str(H), "--W", str(W), "--out", str(gif)]) == 0
+    from PIL import Image
+
+    assert Image.open(gif).n_frames == STEPS
 
 
 def test_guided_batches_put_unconditional_and_conditional_side_by_side(model):

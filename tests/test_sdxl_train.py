@@ -13,10 +13,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 from skimage import data as skdata
 
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+from ldm import inference
 from ldm.config import merge_configs
 from ldm.util import instantiate_from_config
+from ldm.weights import load_model
 from tests.conftest import main_env, main_py
-from tests.test_sdxl import RECIPE, TINY, sdxl_folder  # noqa: F401  (the module-scoped folder fixture)
+from tests.test_sdxl import RECIPE, TINY, load_script, sdxl_folder  # noqa: F401  (the module-scoped folder fixture)
 
 # Photos of several shapes (w x h), so the 32 px bucket budget makes more than one bucket.
 SHAPES = {"astronaut": (48, 32), "chelsea": (48, 32), "coffee": (32, 48), "rocket": (32, 48), "camera": (40, 40),
@@ -96,6 +100,27 @@ def test_recipe_trains_logs_grids_and_resumes(sdxl_folder, photos, tmp_path):
     assert torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
     assert metrics_steps(run)[-1] >= 4 and len(list(logs.iterdir())) == 1
 
+    # The run exports (EMA weights) to a folder and a single file that diffusers samples as we sample the export;
+    # the run itself samples within float rounding of that (the same tensors, measured 1.3e-6 apart: they come from
+    # the training checkpoint instead of safetensors files).
+    convert = load_script("convert")
+    folder, single = tmp_path / "export", tmp_path / "export.safetensors"
+    assert convert.main([str(run), "--diffusers", str(folder), "--single-file", str(single)]) == 0
+
+    def sample(model):
+        images = inference.txt2img(model, ["a camera"], 32, 24, "", torch.Generator().manual_seed(0), "ddim", 3, 5.0)
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    exported = sample(load_model(folder))
+    assert float((sample(load_model(run)) - exported).abs().max()) < 1e-5
+    # from_single_file's converter gives the same tensors in another memory layout: float rounding (6.6e-7 here).
+    for pipe, tolerance in ((StableDiffusionXLPipeline.from_pretrained(str(folder)), 0.0),
+                            (StableDiffusionXLPipeline.from_single_file(str(single), config=str(folder)), 1e-5)):
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        theirs = pipe(["a camera"], height=32, width=24, num_inference_steps=3, guidance_scale=5.0,
+                      generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert float((exported - theirs).abs().max()) <= tolerance
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -74,7 +74,12 @@ def test_diffusers_loads_both_exports_to_our_images(sdxl_folder, exported):
     reference = ours(load_model(sdxl_folder))
     assert theirs(StableDiffusionXLPipeline.from_pretrained(str(exported[0]))).sub(reference).abs().max() == 0
     single = StableDiffusionXLPipeline.from_single_file(str(exported[1]), config=str(exported[0]))
-    assert theirs(single).sub(reference).abs().max() == 0
+    folder = StableDiffusionXLPipeline.from_pretrained(str(exported[0]))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # diffusers reads the same tensors from both
+        a, b = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # in another memory layout (its converter's slices and transposes), which can move the last float bits
+    assert theirs(single).sub(reference).abs().max() < 1e-5
 
 
 def test_a_single_file_without_our_metadata_needs_the_architecture(sdxl_folder, exported, tmp_path):
@@ -85,6 +90,14 @@ def test_a_single_file_without_our_metadata_needs_the_architecture(sdxl_folder, 
         load_model(bare)
     state, base = load_model(bare, config=TINY).state_dict(), load_model(sdxl_folder).state_dict()
     assert set(state) == set(base) and all(torch.equal(state[k], base[k]) for k in base)
+
+
+def test_an_sdxl_refiner_is_refused_in_one_line(tmp_path):
+    refiner = tmp_path / "refiner.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 3, 3),
+               "conditioner.embedders.0.model.text_projection": torch.zeros(1280, 1280)}, refiner)
+    with pytest.raises(ConfigError, match="is an SDXL refiner .*; expected a Stable Diffusion v1/2.x or SDXL base"):
+        load_model(refiner, config=TINY)
 
 
 def test_the_fp16_fixed_vae_folder_replaces_the_pipeline_vae(sdxl_folder, tmp_path):
@@ -155,6 +168,35 @@ def test_lora_files_load_back_here_and_check_whole(sdxl_folder, lora_files, caps
         assert (ours(plain) - ours(model)).abs().max() < 1e-5
         n = len(load_file(path))
         assert check_lora_file(model, path).applied == n
+
+
+def test_kohya_files_with_original_unet_names_load_too(sdxl_folder, lora_files, tmp_path):
+    """kohya's own SDXL trainer names UNet layers as the original UNet does (lora_unet_input_blocks_4_1_...)."""
+    from ldm.lora import load_lora
+    from ldm.weights.original import _unet_key
+
+    model, files = lora_files
+    renamed = {}
+    for key, value in load_file(files["kohya"]).items():
+        if key.startswith("lora_unet_"):
+            module, _, tail = key[len("lora_unet_"):].partition(".")
+            dotted = _diffusers_module_path(module, model.unet)
+            key = "lora_unet_" + _unet_key(dotted + ".weight", 1, {0}).removesuffix(".weight").replace(".", "_") + \
+                "." + tail
+        renamed[key] = value
+    # the tiny UNet's second level (one resnet per level, two transformer blocks) is input_blocks.3
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in renamed
+    path = tmp_path / "original-names.safetensors"
+    save_file(renamed, path)
+    plain = load_model(sdxl_folder)
+    load_lora(plain, path)
+    assert (ours(plain) - ours(model)).abs().max() < 1e-5
+
+
+def _diffusers_module_path(underscored: str, network) -> str:
+    """A kohya module name (dots as _) back to the network's dotted module path."""
+    paths = {name.replace(".", "_"): name for name, _ in network.named_modules()}
+    return paths[underscored]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

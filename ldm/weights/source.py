@@ -60,7 +60,7 @@ def open_weights(path: str | Path) -> Source:
         return Source(path, "training", tensors_only(obj, path), config, obj.get("global_step"), metadata)
     state = tensors_only(obj, path)
     found = describe(state)
-    if found.startswith(("SDXL refiner", "a LoRA", "not a Stable")):
+    if found.startswith(("an SDXL refiner", "a LoRA", "not a Stable")):
         raise ConfigError(f"{str(path)!r} is {found}; expected a Stable Diffusion v1/2.x or SDXL base model "
                           "(original single file, diffusers folder or a checkpoint of this project)")
     config = json.loads(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None

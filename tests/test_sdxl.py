@@ -244,6 +244,12 @@ def test_scripts_sample_an_sdxl_folder(sdxl_folder, model, tmp_path):
     assert len(cells) == 2
     direct = inference.to_uint8(inference.txt2img(model, ["a cat"], H, W, "", gen(0), "ddim", STEPS, 5.0))[0]
     assert maxdiff(np.asarray(outputs.load_init_image(cells[1])), direct) <= 1
+    for script, extra in (("txt2img", []), ("img2img", ["--init-img", str(cells[0]), "--strength", "0.5"])):
+        out = tmp_path / script
+        assert load_script(script).main(["--ckpt", str(sdxl_folder), "--prompt", "a cat", "--ddim_steps", str(STEPS),
+                                         "--H", str(H), "--W", str(W), "--n_samples", "1", "--outdir", str(out),
+                                         *extra]) == 0
+        assert np.asarray(outputs.load_init_image(out / "samples" / "00000.png")).shape == (H, W, 3)
     gif = tmp_path / "denoise.gif"
     assert load_script("make_gifs").main(["denoise", "--ckpt", str(sdxl_folder), "--prompt", "a cat", "--ddim_steps",
                                           str(STEPS), "--H", str(H), "--W", str(W), "--out", str(gif)]) == 0

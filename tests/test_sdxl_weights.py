@@ -92,6 +92,26 @@ def test_a_single_file_without_our_metadata_needs_the_architecture(sdxl_folder, 
     assert set(state) == set(base) and all(torch.equal(state[k], base[k]) for k in base)
 
 
+def test_full_size_names_map_both_ways_and_an_unlabelled_file_is_recognised():
+    """At SDXL's full size on the meta device: every tensor gets an original-layout name that diffusers' converters
+    map back to the same tensor and shape, and the file's shapes say which architecture to build."""
+    from ldm.weights.load import ARCHITECTURES, resolve_config
+    from ldm.weights.original import describe, original_to_project, project_to_original
+    from ldm.weights.source import Source
+
+    cfg = merge_configs([ARCHITECTURES / "sdxl.yaml"])
+    with torch.device("meta"):
+        model = instantiate_from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    state = model.state_dict()
+    original = project_to_original(state, model.weight_components())
+    assert describe(original) == "SDXL (CLIP + OpenCLIP text encoders, 2048-d context)"
+    back, _ = original_to_project(original, model.weight_components())
+    assert set(back) == set(state) and all(back[k].shape == state[k].shape for k in state)
+    section, origin = resolve_config(Source(Path("sd_xl_base_1.0.safetensors"), "original", original))
+    assert origin.startswith("configs/architectures/sdxl.yaml (detected SDXL")
+    assert section["params"]["cond_stage_config"]["target"] == "ldm.models.sdxl.SDXLTextConditioner"
+
+
 def test_an_sdxl_refiner_is_refused_in_one_line(tmp_path):
     refiner = tmp_path / "refiner.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 3, 3),

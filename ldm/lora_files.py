@@ -135,7 +135,8 @@ def kohya_metadata(model, adapters: list[Adapter], title: str) -> dict[str, str]
             "modelspec.implementation": "diffusers", "modelspec.title": title,
             "modelspec.resolution": f"{size}x{size}", "modelspec.prediction_type": "v" if v_pred else "epsilon"}
     if is_sdxl(model):  # the names kohya's sdxl_train_network.py writes
-        meta.update({"ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
+        meta.update({"ss_base_model_version": "sdxl_base_v1-0",
+                     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
     return meta
 
 

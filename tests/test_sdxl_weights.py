@@ -54,7 +54,8 @@ def test_single_file_has_the_original_sdxl_layout(exported):
     assert tops == {"model", "first_stage_model", "conditioner"}
     assert "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight" in keys
     assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
-    assert "conditioner.embedders.1.model.text_projection" in keys and "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert "conditioner.embedders.1.model.text_projection" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # the added embedding (pooled vector + time ids)
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
                              "conditioner.embedders.1.model.")) for k in keys)
 
@@ -136,8 +137,9 @@ def test_the_fp16_fixed_vae_folder_replaces_the_pipeline_vae(sdxl_folder, tmp_pa
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------
 def adapted(folder: Path, text_encoder: bool = True):
+    lora = f"{{rank: 4, alpha: 8, text_encoder: {str(text_encoder).lower()}}}"
     cfg = merge_configs([TINY], [f"model.params.pretrained={folder}", "model.params.use_ema=false",
-                                 f"+model.params.lora={{rank: 4, alpha: 8, text_encoder: {str(text_encoder).lower()}}}"])
+                                 f"+model.params.lora={lora}"])
     model = instantiate_from_config(OmegaConf.to_container(cfg.model, resolve=True))
     model.sampler_config = dict(load_model(folder).sampler_config)  # the folder's Euler, as the pipeline samples
     with torch.no_grad():
@@ -226,10 +228,12 @@ def test_dreambooth_lora_recipe_runs_and_saves_an_adapter_the_pipeline_loads(sdx
     args = ["-t", "--base", ROOT / "configs/sdxl-dreambooth.yaml", ROOT / "configs/sdxl-dreambooth-lora.yaml", TINY,
             "-l", logs, "-n", "sks", f"model.params.pretrained={sdxl_folder}",
             f"data.params.train.params.instance_data_dir={photos}",
-            f"data.params.train.params.class_data_dir={tmp_path / 'class'}", "data.params.train.params.num_class_images=2",
+            f"data.params.train.params.class_data_dir={tmp_path / 'class'}",
+            "data.params.train.params.num_class_images=2",
             "data.params.train.params.image_transforms.0.params.size=32",
             "data.params.train.params.image_transforms.1.params.size=32", "data.params.num_workers=0",
-            "lightning.trainer.max_steps=2", "lightning.trainer.accelerator=cpu", "+lightning.trainer.log_every_n_steps=1",
+            "lightning.trainer.max_steps=2", "lightning.trainer.accelerator=cpu",
+            "+lightning.trainer.log_every_n_steps=1",
             "lightning.callbacks.class_images.params.steps=2", "lightning.callbacks.dreambooth_samples.params.steps=2",
             "lightning.callbacks.dreambooth_samples.params.every_n_steps=2"]
     proc = main_py(*args, timeout=400, env=main_env(PYTHONPATH=str(ROOT)))

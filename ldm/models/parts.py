@@ -8,7 +8,8 @@ A part names its weights as :class:`WeightComponent` rows, one per library netwo
   the model adds its own attribute name (``"cond_stage_model."``) in front.
 - ``diffusers``: the pipeline folder's component (``text_encoder``, ``image_encoder``, ``vae``).
 - ``original``: which original single-file layout the tensors take there, a name ``ldm.weights.original`` maps
-  (``clip_text``, ``open_clip_text``, ``clip_visual``, ``vae``, ``unet``).
+  (``clip_text``, ``open_clip_text``, ``clip_visual``, ``vae``, ``unet``; SDXL's ``sdxl_clip_text`` and
+  ``sdxl_open_clip_text``).
 - ``module``: the network itself, for the key-mapping code that needs its config (diffusers' converters do).
 
 What a conditioner returns (its *conditioning*) is either the cross-attention context tensor (SD v1/2.x, image

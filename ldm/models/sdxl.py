@@ -128,7 +128,9 @@ class SDXLTextConditioner(Conditioner):
         original = target if original_size is None else torch.as_tensor(original_size).to(context.device).view(-1, 2)
         crop = torch.zeros_like(target) if crop_top_left is None else \
             torch.as_tensor(crop_top_left).to(context.device).view(-1, 2)
-        return {**cond, "time_ids": torch.cat([original, crop, target], dim=1).to(context.dtype)}
+        # fp32 whatever the context's dtype: bf16 would round an original size such as 667 to 668 (the UNet embeds
+        # the ids in fp32 anyway).
+        return {**cond, "time_ids": torch.cat([original, crop, target], dim=1).float()}
 
     def sample_sizes(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return self.sample_original_size or (height, width), self.sample_crop_top_left or (0, 0)

@@ -8,7 +8,9 @@ final layer norm) side by side, 768 + 1280 = 2048 wide; bigG's pooled, projected
 
 Caption dropout zeroes what SDXL's training zeroes: the whole text conditioning of a dropped row (context and
 pooled vector) is set to zero, not encoded from ""; the size conditioning is never dropped. The unconditional
-baseline for guidance is the same zeros (diffusers' ``force_zeros_for_empty_prompt``, SDXL's default).
+baseline for guidance is the same zeros (diffusers' ``force_zeros_for_empty_prompt``, SDXL's default). One draw
+per row drops both encoders together: ``GeneralConditioner`` draws per embedder, so with both at one rate a row
+would be wholly unconditional, the baseline guidance uses, only rate² of the time.
 """
 from __future__ import annotations
 

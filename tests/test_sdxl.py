@@ -266,3 +266,13 @@ def test_guided_batches_put_unconditional_and_conditional_side_by_side(model):
     a, b = model.cond_stage_model(["x"]), model.cond_stage_model(["y"])
     both = cat_conditioning([a, b])
     assert both["context"].shape[0] == 2 and torch.equal(both["text_embeds"][1], b["text_embeds"][0])
+
+
+def test_training_flops_are_counted_for_sdxl():
+    """ldm.flops hands the size conditioning to the UNet too (SDXL's UNet refuses a call without time ids)."""
+    from ldm.flops import step_flops
+
+    section = OmegaConf.to_container(merge_configs([TINY]).model, resolve=True)
+    flops = step_flops(section, 2, 32)
+    assert flops.unet_train > 0 and flops.text_encode > 0 and flops.vae_encode > 0
+    assert step_flops(section, 4, 32).unet_train == 2 * flops.unet_train

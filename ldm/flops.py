@@ -86,7 +86,9 @@ def step_flops(model_config: dict, batch_size: int, size: int) -> StepFlops:
         latents = torch.zeros(model.latent_shape(batch_size, size, size))
         t = torch.zeros(batch_size, dtype=torch.long)
     captions = ["a photo of object number 0 on a table"] * batch_size
-    context = model.cond_stage_model(captions)
+    # With SDXL's size conditioning (time ids) for the sample's size; other conditioners ignore it.
+    sizes = torch.tensor([[size, size]] * batch_size)
+    context = model.cond_stage_model.with_sizes(model.cond_stage_model(captions), sizes)
     # The library VAE itself: the first stage's encode turns autocast off, which the meta device refuses.
     vae = {row.diffusers: row.module for row in model.weight_components()}.get("vae")
 

@@ -73,9 +73,9 @@ def lora_adapters(model) -> list:
     from ldm.lora_files import adapter_of
 
     adapted = {prefix: m for prefix, m in model.cond_stage_model.lora_modules().items() if has_lora(m)}
-    if set(adapted) - {"text_encoder"}:
-        raise ConfigError(f"save_lora: adapters on {sorted(adapted)}; these file layouts hold the UNet and one "
-                          "text encoder")
+    if set(adapted) - {"text_encoder", "text_encoder_2"}:
+        raise ConfigError(f"save_lora: adapters on {sorted(adapted)}; these file layouts hold the UNet and the "
+                          "text encoders (text_encoder, and SDXL's text_encoder_2)")
     with model.ema_scope():
         return [adapter_of("unet", model.unet)] + [adapter_of(p, m) for p, m in adapted.items()]
 
@@ -84,7 +84,7 @@ def save_lora(model, path: str | Path, layout: str = "kohya", check: bool = True
     """Write the model's adapters (EMA weights when sampling uses them) to the ``.safetensors`` file ``path`` in the
     ``kohya`` layout (ComfyUI, A1111, InvokeAI, stable-diffusion.cpp, diffusers) or the ``diffusers`` one
     (``pipe.load_lora_weights``); ``check`` reads it back through diffusers and prints how much of it applied."""
-    from ldm.lora_files import diffusers_layout, kohya_layout, kohya_metadata
+    from ldm.lora_files import diffusers_layout, is_sdxl, kohya_layout, kohya_metadata
     from ldm.weights.files import write_safetensors
 
     path = Path(path)
@@ -92,7 +92,7 @@ def save_lora(model, path: str | Path, layout: str = "kohya", check: bool = True
         raise ConfigError(f"LoRA file {str(path)!r}: the name must end in .safetensors")
     adapters = adapters or lora_adapters(model)
     if layout == "kohya":
-        tensors, meta = kohya_layout(adapters, kohya_metadata(model, adapters, title=path.stem))
+        tensors, meta = kohya_layout(adapters, kohya_metadata(model, adapters, title=path.stem), is_sdxl(model))
     elif layout == "diffusers":
         tensors, meta = diffusers_layout(adapters)
     else:
@@ -120,29 +120,30 @@ def save_lora_files(model, folder: str | Path, name: str, check: bool = True) ->
 def load_lora(model, path: str | Path, scale: float = 1.0, adapter_name: str = "lora") -> None:
     """Add the adapters in ``path`` (a LoRA file in the kohya or diffusers layout: ours, or one downloaded) to a
     LatentDiffusion, active at ``scale``."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 
-    from ldm.lora_files import for_another_model, read_lora
+    from ldm.lora_files import for_another_model, is_sdxl, lora_pipeline, read_lora
     from ldm.weights.load import model_description
 
-    state, alphas, meta = read_lora(path, unet_config=model.unet.config)
+    pipeline = lora_pipeline(is_sdxl(model))
+    state, alphas, meta = read_lora(path, unet_config=model.unet.config, sdxl=is_sdxl(model))
     if not any(k.startswith("unet.") for k in state):
         raise ConfigError(f"{str(path)!r} holds no UNet adapters (keys like {next(iter(state), '-')!r}); "
                           "expected a Stable Diffusion LoRA")
     try:
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, model.unet, adapter_name=adapter_name,
-                                                    metadata=meta)
+        pipeline.load_lora_into_unet(state, alphas, model.unet, adapter_name=adapter_name, metadata=meta)
     except RuntimeError as err:  # torch's load_state_dict: adapters shaped for another model's layers
         raise for_another_model(err, path, f"{model_description(model)} here") from None
     model.unet.set_adapters([adapter_name], weights=[scale])
-    if any(k.startswith("text_encoder.") for k in state):
-        text_encoder = model.cond_stage_model.lora_modules().get("text_encoder")
+    for prefix in ("text_encoder", "text_encoder_2"):
+        if not any(k.startswith(prefix + ".") for k in state):
+            continue
+        text_encoder = model.cond_stage_model.lora_modules().get(prefix)
         if text_encoder is None:
-            raise ConfigError(f"{str(path)!r} holds text-encoder adapters, but this model's conditioner "
-                              f"({model.cond_stage_model.description()}) has no text encoder")
-        StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, text_encoder, prefix="text_encoder",
-                                                            adapter_name=adapter_name, metadata=meta)
+            raise ConfigError(f"{str(path)!r} holds adapters for {prefix}, but this model's conditioner "
+                              f"({model.cond_stage_model.description()}) has no such text encoder")
+        pipeline.load_lora_into_text_encoder(state, alphas, text_encoder, prefix=prefix, adapter_name=adapter_name,
+                                             metadata=meta)
         set_adapters_for_text_encoder([adapter_name], text_encoder, [scale])
 
 

@@ -1,6 +1,7 @@
 """The check after every LoRA export: read the written file back through diffusers' own loaders and count what lands.
 
-The file goes through ``StableDiffusionPipeline.lora_state_dict`` (which parses either layout) and
+The file goes through ``StableDiffusionPipeline.lora_state_dict`` (``StableDiffusionXLPipeline``'s for SDXL; either
+parses both layouts) and
 ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` onto networks of the same configs built on the meta device
 (no initialisation and no memory but the adapters'). What diffusers built is written out again by our own writer
 (``ldm.lora_files``); a stored tensor counts as applied when it comes back under its own name with its own values,
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.lora_files import adapter_of, diffusers_layout, kohya_layout, layout_of, read_lora
+from ldm.lora_files import adapter_of, diffusers_layout, is_sdxl, kohya_layout, layout_of, lora_pipeline, read_lora
 
 log = logging.getLogger(__name__)
 CHECK = "export_check"  # adapter name the check loads under
@@ -52,7 +53,6 @@ def _meta_networks(model) -> dict:
 
 def check_lora_file(model, path: str | Path) -> CheckResult:
     """Load ``path`` as diffusers would and count the tensors applied; print the count, warn once per unused key."""
-    from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
     path = Path(path)
@@ -60,19 +60,20 @@ def check_lora_file(model, path: str | Path) -> CheckResult:
         stored = {k: f.get_tensor(k) for k in f.keys()}
     layout = layout_of(stored)
     networks = _meta_networks(model)
-    state, alphas, meta = read_lora(path, unet_config=model.unet.config)
-    StableDiffusionPipeline.load_lora_into_unet(state, alphas, networks["unet"], adapter_name=CHECK, metadata=meta,
-                                                low_cpu_mem_usage=True)
-    for prefix in ("text_encoder",):
+    sdxl = is_sdxl(model)
+    pipeline = lora_pipeline(sdxl)  # SDXL's loaders read both text encoders' names
+    state, alphas, meta = read_lora(path, unet_config=model.unet.config, sdxl=sdxl)
+    pipeline.load_lora_into_unet(state, alphas, networks["unet"], adapter_name=CHECK, metadata=meta,
+                                 low_cpu_mem_usage=True)
+    for prefix in ("text_encoder", "text_encoder_2"):
         if prefix in networks and any(k.startswith(prefix + ".") for k in state):
-            StableDiffusionPipeline.load_lora_into_text_encoder(state, alphas, networks[prefix], prefix=prefix,
-                                                                adapter_name=CHECK, metadata=meta,
-                                                                low_cpu_mem_usage=True)
+            pipeline.load_lora_into_text_encoder(state, alphas, networks[prefix], prefix=prefix, adapter_name=CHECK,
+                                                 metadata=meta, low_cpu_mem_usage=True)
     # What diffusers built, written out again by our own writer: a stored tensor applied if it comes back
     # under its name with its values (an alpha: the layer's rank and alpha give it again).
     landed = [adapter_of(prefix, network, CHECK) for prefix, network in networks.items()
               if CHECK in (getattr(network, "peft_config", None) or {})]
-    again = (kohya_layout(landed, {}) if layout == "kohya" else diffusers_layout(landed))[0] if landed else {}
+    again = (kohya_layout(landed, {}, sdxl) if layout == "kohya" else diffusers_layout(landed))[0] if landed else {}
     result = CheckResult(path, layout, len(stored))
     for key, tensor in stored.items():
         value = again.get(key)

@@ -26,9 +26,23 @@ from ldm.util import ConfigError
 
 ADAPTER = "default"  # peft's name for the one adapter that training adds
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# kohya's SDXL names: its two text encoders are lora_te1_ (CLIP ViT-L) and lora_te2_ (OpenCLIP bigG).
+SDXL_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # LoraConfig fields peft 0.17 (diffusers 0.35's) accepts; newer peft's full dump makes older peft refuse the file.
 OLD_PEFT_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", "init_lora_weights", "use_rslora",
                    "use_dora")
+
+
+def is_sdxl(model) -> bool:
+    """An SDXL model: its conditioner holds diffusers' ``text_encoder_2`` (the file names and loaders differ)."""
+    return "text_encoder_2" in model.cond_stage_model.lora_modules()
+
+
+def lora_pipeline(sdxl: bool):
+    """The diffusers pipeline class whose LoRA loaders read this model's files."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
 
 
 @dataclass
@@ -83,21 +97,24 @@ def diffusers_layout(adapters: list[Adapter]) -> tuple[dict[str, torch.Tensor], 
     return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
 
 
-def kohya_layout(adapters: list[Adapter], info: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def kohya_layout(adapters: list[Adapter], info: dict[str, str],
+                 sdxl: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of the kohya / A1111 file; ``info`` from :func:`kohya_metadata`."""
     from diffusers.utils import convert_state_dict_to_kohya
 
+    prefixes = SDXL_KOHYA_PREFIX if sdxl else KOHYA_PREFIX
     tensors = {}
     for a in adapters:
         named = convert_state_dict_to_kohya({f"{a.prefix}.{k}": v for k, v in a.state.items()})
         for key, value in named.items():
             if key.endswith(".alpha"):
                 continue  # diffusers writes alpha = rank there; the adapter's own alpha follows below
-            # diffusers names SDXL's first text encoder lora_te1_; SD 1.x/2.x files (and A1111's SD2 path) use lora_te_.
-            tensors[key.replace("lora_te1_", KOHYA_PREFIX["text_encoder"], 1)] = value
+            # diffusers names SDXL's first text encoder lora_te1_ (kohya's SDXL name); SD 1.x/2.x files (and A1111's
+            # SD2 path) use lora_te_.
+            tensors[key.replace("lora_te1_", prefixes["text_encoder"], 1)] = value
         dtype = next(iter(a.state.values())).dtype
         for module, alpha in a.alphas.items():
-            tensors[KOHYA_PREFIX[a.prefix] + module.replace(".", "_") + ".alpha"] = torch.tensor(alpha, dtype=dtype)
+            tensors[prefixes[a.prefix] + module.replace(".", "_") + ".alpha"] = torch.tensor(alpha, dtype=dtype)
     return tensors, {"format": "pt", **info}
 
 
@@ -105,7 +122,7 @@ def kohya_metadata(model, adapters: list[Adapter], title: str) -> dict[str, str]
     """kohya's own keys that clients read: A1111 tells SD 2 from ``ss_v2`` and shows ``ss_*``; ``modelspec.*`` is the
     Stability model spec sd-scripts writes. The base model is SD 2.x when the context is 1024 wide."""
     unet = next(a for a in adapters if a.prefix == "unet")
-    v2 = model.unet.config.cross_attention_dim == 1024
+    v2 = model.unet.config.cross_attention_dim == 1024 and not is_sdxl(model)
     v_pred = getattr(model, "parameterization", "eps") == "v"
     size = model.unet.config.sample_size * model.first_stage_model.downsample
     arch = "stable-diffusion-v1" if not v2 else f"stable-diffusion-v2-{size}{'-v' if v_pred else ''}"
@@ -117,26 +134,28 @@ def kohya_metadata(model, adapters: list[Adapter], title: str) -> dict[str, str]
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
             "modelspec.implementation": "diffusers", "modelspec.title": title,
             "modelspec.resolution": f"{size}x{size}", "modelspec.prediction_type": "v" if v_pred else "epsilon"}
+    if is_sdxl(model):  # the names kohya's sdxl_train_network.py writes
+        meta.update({"ss_base_model_version": "sdxl_base_v1-0",
+                     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
     return meta
 
 
 def layout_of(keys) -> str:
     """``kohya`` when every key is a kohya name (diffusers' own test for that layout), else ``diffusers``."""
-    prefixes = tuple(KOHYA_PREFIX.values()) + ("lora_te1_",)
+    prefixes = tuple(KOHYA_PREFIX.values()) + tuple(SDXL_KOHYA_PREFIX.values())
     keys = list(keys)
     return "kohya" if keys and all(k.startswith(prefixes) for k in keys) else "diffusers"
 
 
-def read_lora(path: str | Path, unet_config=None):
+def read_lora(path: str | Path, unet_config=None, sdxl: bool = False):
     """``(state, network_alphas, metadata)`` of a LoRA file in either layout, through diffusers' own reader (which
-    converts kohya names, original-SD block names too when ``unet_config`` is given, and pops ``.alpha`` tensors)."""
-    from diffusers import StableDiffusionPipeline
-
+    converts kohya names, original-SD block names too when ``unet_config`` is given, and pops ``.alpha`` tensors);
+    ``sdxl``: the SDXL pipeline's reader, which knows both text encoders."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"LoRA file {str(path)!r} does not exist")
     try:
-        return StableDiffusionPipeline.lora_state_dict(str(path), unet_config=unet_config, return_lora_metadata=True)
+        return lora_pipeline(sdxl).lora_state_dict(str(path), unet_config=unet_config, return_lora_metadata=True)
     except (ValueError, KeyError, OSError) as err:
         raise ConfigError(f"{str(path)!r} is not a LoRA file diffusers reads (kohya or diffusers layout): {err}")
 

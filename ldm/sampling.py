@@ -24,6 +24,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, PNDMScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm.models.parts import cat_conditioning, context_of
 from ldm.util import ConfigError
 
 SAMPLERS = {
@@ -115,16 +116,16 @@ def img2img_timesteps(scheduler, steps: int, strength: float, device=None) -> to
 
 
 @torch.no_grad()
-def denoise_loop(denoise: Callable, scheduler, cond: torch.Tensor, uncond: torch.Tensor | None,
+def denoise_loop(denoise: Callable, scheduler, cond, uncond,
                  latents: torch.Tensor, timesteps: torch.Tensor, guidance_scale: float = 7.5, eta: float = 0.0,
                  generator: Generators = None, on_step: Callable | None = None) -> torch.Tensor:
     """Run the reverse process from ``latents`` over ``timesteps`` and return the final latents.
 
-    ``denoise(x, t, context)`` is the network; guidance is applied when ``guidance_scale > 1`` and an ``uncond``
-    context is given; ``on_step(i, t, latents)`` watches each step.
+    ``denoise(x, t, conditioning)`` is the network; guidance is applied when ``guidance_scale > 1`` and an
+    ``uncond`` conditioning is given; ``on_step(i, t, latents)`` watches each step.
     """
     guided = uncond is not None and guidance_scale > 1.0
-    context = torch.cat([uncond, cond]) if guided else cond
+    context = cat_conditioning([uncond, cond]) if guided else cond
     step_params = inspect.signature(scheduler.step).parameters
     extra = {k: v for k, v in (("eta", eta), ("generator", _one_or_list(generator))) if k in step_params}
     for i, t in enumerate(timesteps):
@@ -140,15 +141,20 @@ def denoise_loop(denoise: Callable, scheduler, cond: torch.Tensor, uncond: torch
     return latents
 
 
-def _contexts(model, conds, negative_prompt: str, scale: float):
-    """The context of ``conds``, and the guidance baseline when guidance is on: the negative prompt's context, or
-    the conditioner's unconditional one (diffusers encodes "" for text, zeros for image embeddings)."""
+def _contexts(model, conds, negative_prompt: str, scale: float, height: int, width: int):
+    """The conditioning of ``conds``, and the guidance baseline when guidance is on: the negative prompt's, or the
+    conditioner's unconditional one (SD's pipelines encode "" for text, SDXL's zeros; zeros for image embeddings).
+    A micro-conditioned model (SDXL) gets the size conditioning of an ``height`` x ``width`` sample on both, as
+    diffusers' pipelines give both the same ``add_time_ids``."""
     cond_stage = model.cond_stage_model
-    cond = cond_stage(conds if torch.is_tensor(conds) else list(conds))
+    n = len(conds)
+    original, crop = cond_stage.sample_sizes(height, width)
+    sizes = [torch.tensor([list(v)] * n) for v in ((height, width), original, crop)]
+    cond = cond_stage.with_sizes(cond_stage(conds if torch.is_tensor(conds) else list(conds)), *sizes)
     if scale <= 1.0:
         return cond, None
-    n = len(conds)
-    return cond, cond_stage.negative(negative_prompt, n) if negative_prompt else cond_stage.unconditional(n)
+    uncond = cond_stage.negative(negative_prompt, n) if negative_prompt else cond_stage.unconditional(n)
+    return cond, cond_stage.with_sizes(uncond, *sizes)
 
 
 def _check_generators(generator, n: int) -> None:
@@ -168,9 +174,10 @@ def txt2img(model, conds, height: int, width: int, negative_prompt: str = "", ge
     """
     _check_generators(generator, len(conds))
     scheduler = scheduler or make_scheduler(sampler, model.sampler_config)
-    cond, uncond = _contexts(model, conds, negative_prompt, scale)
-    scheduler.set_timesteps(steps, device=cond.device)
-    latents = noise(model.latent_shape(len(conds), height, width), generator, cond.device, cond.dtype)
+    cond, uncond = _contexts(model, conds, negative_prompt, scale, height, width)
+    context = context_of(cond)
+    scheduler.set_timesteps(steps, device=context.device)
+    latents = noise(model.latent_shape(len(conds), height, width), generator, context.device, context.dtype)
     latents = latents * scheduler.init_noise_sigma
     z = denoise_loop(model.denoise, scheduler, cond, uncond, latents, scheduler.timesteps, scale, eta, generator,
                      on_step)
@@ -191,16 +198,18 @@ def img2img(model, init: torch.Tensor, prompts: Sequence[str], strength: float =
     n = len(prompts)
     _check_generators(generator, n)
     scheduler = scheduler or make_scheduler(sampler, model.sampler_config)
-    cond, uncond = _contexts(model, prompts, negative_prompt, scale)
-    timesteps = img2img_timesteps(scheduler, steps, strength, cond.device)
-    init = init.to(cond.device)
+    cond, uncond = _contexts(model, prompts, negative_prompt, scale, *init.shape[-2:])
+    context = context_of(cond)
+    timesteps = img2img_timesteps(scheduler, steps, strength, context.device)
+    init = init.to(context.device)
     encode = model.first_stage_model.encode
     if isinstance(generator, (list, tuple)):
-        z0 = torch.cat([encode(init, g) for g in generator]).to(cond.dtype)
+        z0 = torch.cat([encode(init, g) for g in generator]).to(context.dtype)
     else:
-        z0 = encode(init, generator).to(cond.dtype).repeat(n, 1, 1, 1)
+        z0 = encode(init, generator).to(context.dtype).repeat(n, 1, 1, 1)
     if len(timesteps) == 0:
         return model.first_stage_model.decode(z0)
-    latents = scheduler.add_noise(z0, noise(z0.shape, generator, cond.device, cond.dtype), timesteps[:1].repeat(n))
+    latents = scheduler.add_noise(z0, noise(z0.shape, generator, context.device, context.dtype),
+                                  timesteps[:1].repeat(n))
     z = denoise_loop(model.denoise, scheduler, cond, uncond, latents, timesteps, scale, eta, generator, on_step)
     return model.first_stage_model.decode(z)

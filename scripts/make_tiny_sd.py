@@ -18,6 +18,11 @@ offline (ldm/models/tokenizer.py); the scheduler is PNDM with SD v1's published 
 
 ``--full-size`` uses configs/architectures/sd-v1.yaml instead: real SD v1 shapes (about 1.07 billion
 parameters, 4.3 GB on disk), random weights.
+
+``--sdxl`` writes a tiny SDXL-shaped ``StableDiffusionXLPipeline`` folder instead (configs/tiny/tiny-sdxl.yaml:
+unet/ with text_time added embeddings, vae/, text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/, and
+SDXL's published Euler scheduler); ``--sdxl --full-size`` uses configs/architectures/sdxl.yaml (3.5 billion
+parameters, 14 GB).
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from ldm.util import ConfigError, run_cli  # noqa: E402
 
 TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-sd.yaml"
 FULL_CONFIG = ROOT / "configs" / "architectures" / "sd-v1.yaml"
+TINY_SDXL_CONFIG = ROOT / "configs" / "tiny" / "tiny-sdxl.yaml"
+FULL_SDXL_CONFIG = ROOT / "configs" / "architectures" / "sdxl.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                               f"the architecture (default: {TINY_CONFIG.relative_to(ROOT)})")
     architecture.add_argument("--full-size", action="store_true",
                               help=f"use {FULL_CONFIG.relative_to(ROOT)}'s SD v1 architecture (4.3 GB written)")
+    p.add_argument("--sdxl", action="store_true", help="an SDXL-shaped StableDiffusionXLPipeline folder "
+                   f"({TINY_SDXL_CONFIG.relative_to(ROOT)}, or {FULL_SDXL_CONFIG.relative_to(ROOT)} with --full-size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
     p.add_argument("--force", action="store_true", help="write into --out even if it already holds files")
     return p
@@ -90,8 +99,8 @@ def make_pipeline_folder(config: Path, out: Path, seed: int = 0, force: bool = F
     # The pipeline reads the latent scale from the VAE config; keep it equal to the YAML's scale_factor.
     modules["vae"].register_to_config(scaling_factor=model.first_stage_model.scale_factor)
     # Built and saved by diffusers itself, so the folder is what diffusers writes (its scheduler_config.json keeps
-    # PNDM's own keys only: no clip_sample, timestep_spacing "leading"), a reference independent of our export.
-    pipe = StableDiffusionPipeline(
+    # the scheduler's own keys only), a reference independent of our export.
+    pipe = _sdxl_pipeline(model, modules) if "text_encoder_2" in modules else StableDiffusionPipeline(
         vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=model.cond_stage_model.tokenizer,
         unet=model.unet,
         # SD v1 ships PNDM (PLMS) with its schedule: steps_offset 1, set_alpha_to_one false, skip_prk_steps. Built
@@ -102,18 +111,37 @@ def make_pipeline_folder(config: Path, out: Path, seed: int = 0, force: bool = F
     print(f"writing {out} ...", flush=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
     # transformers 5 saves only tokenizer.json; SD folders also carry the BPE files that older loaders read.
-    write_clip_vocab(out / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        if (out / name).is_dir():
+            write_clip_vocab(out / name)
     for sub in sorted(p for p in out.iterdir() if p.is_dir()):
         size = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
         print(f"  {sub.name + '/':16s}{size / 2**20:10.1f} MiB")
     print(f"done in {time.time() - start:.1f} s; load it with model.params.pretrained={out} "
-          f"(and --base {config}) or StableDiffusionPipeline.from_pretrained({str(out)!r})")
+          f"(and --base {config}) or {type(pipe).__name__}.from_pretrained({str(out)!r})")
     return out
+
+
+def _sdxl_pipeline(model, modules):
+    """SDXL base's pipeline: Euler with its published settings (scaled_linear 0.00085-0.012, steps_offset 1,
+    leading spacing), no watermarker (an optional package), empty negative prompts as zeros (SDXL's default)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    cond = model.cond_stage_model
+    scheduler = EulerDiscreteScheduler(**model.schedule.scheduler_config(), steps_offset=1,
+                                       timestep_spacing="leading", interpolation_type="linear")
+    return StableDiffusionXLPipeline(vae=modules["vae"], text_encoder=modules["text_encoder"],
+                                     text_encoder_2=modules["text_encoder_2"], tokenizer=cond.tokenizer,
+                                     tokenizer_2=cond.tokenizer_2, unet=model.unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = Path(args.config) if args.config else FULL_CONFIG if args.full_size else TINY_CONFIG
+    if args.sdxl:
+        config = Path(args.config) if args.config else FULL_SDXL_CONFIG if args.full_size else TINY_SDXL_CONFIG
+    else:
+        config = Path(args.config) if args.config else FULL_CONFIG if args.full_size else TINY_CONFIG
     return run_cli(make_pipeline_folder, config, Path(args.out), args.seed, args.force)
 
 

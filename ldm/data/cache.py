@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from ldm.models.parts import conditioning_rows
 from ldm.util import ConfigError, atomic_path
 
 SHARD_ENTRIES = 256
@@ -281,9 +282,10 @@ def fill_text(captions: Sequence[str], store: CacheStore, conditioner, encoder_f
                       disable=not missing):
         chunk = missing[start:start + batch_size]
         with torch.no_grad():
-            contexts = conditioner(chunk)
+            contexts = conditioning_rows(conditioner(chunk))
         for caption, context in zip(chunk, contexts):
-            store.add(keys[caption], {"context": context})
+            # A conditioning with added UNet inputs (SDXL's pooled text_embeds) is stored whole.
+            store.add(keys[caption], context if isinstance(context, dict) else {"context": context})
     store.synchronise()
     return keys
 
@@ -324,5 +326,6 @@ class CachedDataset(Dataset):
         if self.text is not None:
             store, keys = self.text
             for name in [k for k in item if k == "caption" or k.endswith("_caption")]:
-                item[f"{name}_context"] = store.get(keys[item[name]])["context"]
+                entry = store.get(keys[item[name]])
+                item[f"{name}_context"] = entry["context"] if len(entry) == 1 else entry
         return item

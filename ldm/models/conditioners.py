@@ -89,19 +89,7 @@ class CLIPTextConditioner(Conditioner):
                                 self.transformer)]
 
     def prompt_warnings(self, prompts: Sequence[str]) -> list[str]:
-        """One line per distinct prompt longer than the encoder reads, saying where it was cut."""
-        lines, limit = [], self.max_length
-        for prompt in dict.fromkeys(prompts):
-            ids = self.tokenizer(prompt, truncation=False, verbose=False).input_ids  # start and end tokens included
-            if len(ids) <= limit:
-                continue
-            kept = self.tokenizer.decode(ids[1:limit - 1]).split()
-            dropped = self.tokenizer.decode(ids[limit - 1:-1])
-            dropped = dropped if len(dropped) <= 80 else dropped[:77] + "..."
-            lines.append(f"warning: prompt {prompt[:40]!r}... is {len(ids) - 2} tokens but the text encoder reads "
-                         f"{limit - 2}: truncated after word {len(kept)} ('... {' '.join(kept[-4:])}'), dropping "
-                         f"{len(ids) - limit} tokens: {dropped!r}")
-        return lines
+        return truncation_warnings(self.tokenizer, self.max_length, prompts)
 
     def write_diffusers(self, out: Path) -> dict[str, list]:
         from ldm.models.tokenizer import write_clip_vocab
@@ -113,6 +101,22 @@ class CLIPTextConditioner(Conditioner):
         return {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
                 "image_encoder": [None, None], "safety_checker": [None, None],
                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+
+
+def truncation_warnings(tokenizer, limit: int, prompts: Sequence[str]) -> list[str]:
+    """One line per distinct prompt longer than the encoder reads, saying where it was cut."""
+    lines = []
+    for prompt in dict.fromkeys(prompts):
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids  # start and end tokens included
+        if len(ids) <= limit:
+            continue
+        kept = tokenizer.decode(ids[1:limit - 1]).split()
+        dropped = tokenizer.decode(ids[limit - 1:-1])
+        dropped = dropped if len(dropped) <= 80 else dropped[:77] + "..."
+        lines.append(f"warning: prompt {prompt[:40]!r}... is {len(ids) - 2} tokens but the text encoder reads "
+                     f"{limit - 2}: truncated after word {len(kept)} ('... {' '.join(kept[-4:])}'), dropping "
+                     f"{len(ids) - limit} tokens: {dropped!r}")
+    return lines
 
 
 # OpenAI CLIP's normalisation (the values in every CLIP ViT's preprocessor_config.json).

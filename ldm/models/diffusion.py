@@ -10,7 +10,7 @@ import torch
 
 from ldm.callbacks.faults import check_finite, last_good_checkpoint
 from ldm.models.ema import EMA
-from ldm.models.parts import Conditioner, FirstStage, WeightComponent
+from ldm.models.parts import Conditioner, FirstStage, WeightComponent, map_conditioning, where_dropped
 from ldm.models.schedule import NoiseSchedule
 from ldm.models.trainable import select_trainable
 from ldm.optim import build_optimizer, default_optimizer_config
@@ -113,14 +113,29 @@ class LatentDiffusion(pl.LightningModule):
         return f"LatentDiffusion: {sizes}; trainable {count_params(self, trainable_only=True):,}"
 
     # ---- training -------------------------------------------------------------------------------------
-    def conditioning(self, batch: dict, drop: torch.Tensor | None = None) -> torch.Tensor:
-        cached = batch.get(self.cond_stage_key + "_context")  # ldm.data.cache: encoded once, before training
-        if cached is None:
+    def conditioning(self, batch: dict, drop: torch.Tensor | None = None):
+        """The batch's conditioning (``ldm.models.parts``): its captions' (or images') context, encoded or cached,
+        with the size conditioning of its images for micro-conditioned models (SDXL)."""
+        cond = batch.get(self.cond_stage_key + "_context")  # ldm.data.cache: encoded once, before training
+        if cond is None:
             with self.parts_on_device(self.cond_stage_model):
-                return self.cond_stage_model(batch[self.cond_stage_key], drop).to(self.device)
-        if drop is not None and bool(drop.any()):
-            cached = torch.where(drop.view(-1, 1, 1), self._cached_unconditional.to(cached), cached)
-        return cached
+                cond = self.cond_stage_model(batch[self.cond_stage_key], drop)
+            cond = map_conditioning(lambda x: x.to(self.device), cond)
+        elif drop is not None and bool(drop.any()):
+            cond = where_dropped(drop, self._cached_unconditional, cond)
+        return self.cond_stage_model.with_sizes(cond, *self._image_sizes(batch))
+
+    def _image_sizes(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(B, 2) target ``(h, w)`` (the size trained at), and the bucket's ``original_size`` and ``crop_top_left``
+        when the batch has them (``ldm.data.buckets``); without buckets they default to the target and (0, 0)."""
+        images = batch.get(self.first_stage_key)
+        if images is None:
+            moments = batch[self.first_stage_key + "_moments"]
+            n, size = len(moments), [s * self.first_stage_model.downsample for s in moments.shape[-2:]]
+        else:
+            n, size = len(images), list(images.shape[-2:])
+        target = torch.tensor([size] * n, device=self.device)
+        return target, batch.get("original_size"), batch.get("crop_top_left")
 
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         """The batch's latents: drawn from cached posteriors (``<key>_moments``) or encoded from its images."""
@@ -156,7 +171,8 @@ class LatentDiffusion(pl.LightningModule):
         self._offloaded = []
         if "text" in cached:
             with torch.no_grad():
-                self._cached_unconditional = self.cond_stage_model.unconditional(1).detach()
+                self._cached_unconditional = map_conditioning(torch.Tensor.detach,
+                                                              self.cond_stage_model.unconditional(1))
             self._offloaded.append(self.cond_stage_model)
         if "latents" in cached:
             self._offloaded.append(self.first_stage_model)
@@ -284,9 +300,14 @@ class LatentDiffusion(pl.LightningModule):
         down = self.first_stage_model.downsample
         return n, self.first_stage_model.latent_channels, height // down, width // down
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The network's prediction (noise or v): the one place the UNet is called, in training and sampling."""
-        return self.unet(x, t, encoder_hidden_states=context).sample
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The network's prediction (noise or v): the one place the UNet is called, in training and sampling.
+        ``cond`` is a conditioning (``ldm.models.parts``): the context, or a dict of it and the UNet's added
+        conditions (SDXL's pooled ``text_embeds`` and ``time_ids``)."""
+        if isinstance(cond, dict):
+            added = {k: v for k, v in cond.items() if k != "context"}
+            return self.unet(x, t, encoder_hidden_states=cond["context"], added_cond_kwargs=added).sample
+        return self.unet(x, t, encoder_hidden_states=cond).sample
 
     def weight_components(self) -> list[WeightComponent]:
         """Every library network this model holds, with its state-dict prefix and file layouts (``ldm.weights``)."""

@@ -8,31 +8,67 @@ A part names its weights as :class:`WeightComponent` rows, one per library netwo
   the model adds its own attribute name (``"cond_stage_model."``) in front.
 - ``diffusers``: the pipeline folder's component (``text_encoder``, ``image_encoder``, ``vae``).
 - ``original``: which original single-file layout the tensors take there, a name ``ldm.weights.original`` maps
-  (``clip_text``, ``open_clip_text``, ``clip_visual``, ``vae``, ``unet``).
+  (``clip_text``, ``open_clip_text``, ``clip_visual``, ``vae``, ``unet``; SDXL's ``sdxl_clip_text`` and
+  ``sdxl_open_clip_text``).
 - ``module``: the network itself, for the key-mapping code that needs its config (diffusers' converters do).
 
-How the next conditioners fit (a sketch, nothing here is built yet):
+What a conditioner returns (its *conditioning*) is either the cross-attention context tensor (SD v1/2.x, image
+variations) or a dict of tensors whose ``"context"`` entry is that context and whose other entries are the UNet's
+added conditions, diffusers' ``added_cond_kwargs`` (SDXL: ``text_embeds``, the pooled text vector, and
+``time_ids``, the size micro-conditioning that :meth:`Conditioner.with_sizes` adds from the batch or the sample
+size). The helpers below (:func:`cat_conditioning`, :func:`where_dropped`, ...) treat both forms alike, so the
+training step, the caches and the sampling loop never look inside; ``LatentDiffusion.denoise`` is the one place
+that unpacks them for the UNet.
 
-- SDXL's two text encoders: one ``SDXLTextConditioner`` holding a CLIP ViT-L and an OpenCLIP bigG; ``kind`` is
-  ``text``; ``weight_components`` returns two rows (``text_encoder`` / ``clip_text`` under ``embedders.0.``
-  and ``text_encoder_2`` / ``open_clip_text`` under ``embedders.1.``); ``lora_modules`` returns both under
-  diffusers' LoRA prefixes ``text_encoder`` and ``text_encoder_2``; ``forward`` returns the 2048-wide context,
-  and the pooled vector travels as an ``added_cond`` the denoiser call routes to the UNet's added embeddings
-  (``LatentDiffusion.denoise`` is the one place that calls the UNet). Weights, LoRA and sampling code loop over
-  the rows and modules and need no change.
-- An OpenCLIP text encoder in open_clip's own classes: a conditioner whose row says ``open_clip_text``; the
-  tokenizer and ``prompt_warnings`` come with it.
+``ldm.models.sdxl.SDXLTextConditioner`` holds SDXL's two text encoders (CLIP ViT-L under ``transformer.``, OpenCLIP
+bigG with its projection under ``transformer_2.``): two ``weight_components`` rows and two ``lora_modules``
+(diffusers' ``text_encoder`` / ``text_encoder_2``). Weights, LoRA and sampling code loop over the rows and
+modules. An OpenCLIP text encoder in open_clip's own classes would be a conditioner whose row says
+``open_clip_text``; the tokenizer and ``prompt_warnings`` come with it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence, Union
 
 import torch
 from torch import nn
 
 from ldm.util import ConfigError
+
+
+Conditioning = Union[torch.Tensor, dict]  # the context, or {"context": ..., added UNet conditions}
+
+
+def context_of(cond: Conditioning) -> torch.Tensor:
+    """The cross-attention context of a conditioning (its device and dtype are the conditioning's)."""
+    return cond["context"] if isinstance(cond, dict) else cond
+
+
+def map_conditioning(fn, *conds: Conditioning) -> Conditioning:
+    """``fn`` applied to the matching tensors of one or more conditionings of the same form."""
+    if isinstance(conds[0], dict):
+        return {key: fn(*(c[key] for c in conds)) for key in conds[0]}
+    return fn(*conds)
+
+
+def cat_conditioning(conds: Sequence[Conditioning]) -> Conditioning:
+    return map_conditioning(lambda *xs: torch.cat(xs), *conds)
+
+
+def where_dropped(drop: torch.Tensor, uncond: Conditioning, cond: Conditioning) -> Conditioning:
+    """Rows of ``cond`` where ``drop`` is true replaced by ``uncond`` (one row, broadcast) for caption dropout."""
+    def pick(u, c):
+        mask = drop.to(c.device).view(-1, *([1] * (c.ndim - 1)))
+        return torch.where(mask, u.to(c), c)
+    return map_conditioning(pick, uncond, cond)
+
+
+def conditioning_rows(cond: Conditioning) -> list[Conditioning]:
+    """One conditioning per batch row (what a text cache stores per caption)."""
+    n = len(context_of(cond))
+    return [map_conditioning(lambda x: x[i], cond) for i in range(n)]
 
 
 @dataclass(frozen=True)
@@ -90,6 +126,17 @@ class Conditioner(nn.Module):
     def prompt_warnings(self, prompts: Sequence[str]) -> list[str]:
         """One line per prompt the encoder cannot read whole (text conditioners); none by default."""
         return []
+
+    def with_sizes(self, cond: Conditioning, target_size: torch.Tensor, original_size: torch.Tensor | None = None,
+                   crop_top_left: torch.Tensor | None = None) -> Conditioning:
+        """``cond`` with the images' size conditioning ((B, 2) tensors of ``(h, w)`` / ``(top, left)``): nothing
+        for models without micro-conditioning; SDXL adds its ``time_ids``."""
+        return cond
+
+    def sample_sizes(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(original_size, crop_top_left)`` to sample an ``height`` x ``width`` image with (micro-conditioned
+        models only; diffusers' pipeline default: the sample's own size, crop (0, 0))."""
+        return (height, width), (0, 0)
 
     def input_channels(self) -> int | None:
         """Channels of the images an image conditioner reads (None for text)."""
@@ -159,10 +206,11 @@ def diffusers_prefixes() -> dict[str, str]:
     folder needs it before any model is built; the parts' own declarations are the single source."""
     from ldm.models.conditioners import CLIPImageConditioner, CLIPTextConditioner
     from ldm.models.first_stage import AutoencoderKLFirstStage
+    from ldm.models.sdxl import SDXLTextConditioner
 
     rows = {"unet": "unet."}
     for cls, owner in ((AutoencoderKLFirstStage, "first_stage_model."), (CLIPTextConditioner, "cond_stage_model."),
-                       (CLIPImageConditioner, "cond_stage_model.")):
+                       (CLIPImageConditioner, "cond_stage_model."), (SDXLTextConditioner, "cond_stage_model.")):
         for diffusers, prefix in cls.DIFFUSERS.items():
             rows[diffusers] = owner + prefix
     return rows

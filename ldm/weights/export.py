@@ -88,7 +88,8 @@ def export_single_file(item: Exportable, out: str | Path, half: bool = False, pr
 def export_diffusers(item: Exportable, out: str | Path, half: bool = False, progress: bool = True,
                      force: bool = False) -> Path:
     """A StableDiffusionPipeline folder: configs, tokenizer, PNDM scheduler, and the weights as safetensors; for an
-    image-variations model a StableDiffusionImageVariationPipeline folder (image_encoder/, feature_extractor/)."""
+    image-variations model a StableDiffusionImageVariationPipeline folder (image_encoder/, feature_extractor/), for
+    SDXL a StableDiffusionXLPipeline folder (text_encoder_2/, tokenizer_2/)."""
     import diffusers
     from transformers import PreTrainedModel
 
@@ -109,8 +110,10 @@ def export_diffusers(item: Exportable, out: str | Path, half: bool = False, prog
         folder = out / row.diffusers
         folder.mkdir(parents=True)
         name = "model.safetensors" if isinstance(row.module, PreTrainedModel) else "diffusion_pytorch_model.safetensors"
-        # A text encoder keeps transformers 4's "text_model." prefix, which transformers 5 also reads.
-        lead = "text_model." if row.original.endswith("_text") else ""
+        # A text encoder keeps transformers 4's "text_model." prefix, which transformers 5 also reads (a
+        # CLIPTextModelWithProjection, SDXL's second encoder, has it in its own keys already).
+        lead = "text_model." if row.original.endswith("_text") and not any(
+            k.startswith("text_model.") for k in tensors) else ""
         write_safetensors(folder / name, {lead + k: v for k, v in tensors.items()}, meta, progress=progress,
                           desc=f"{row.diffusers}/{name}", half=half)
     model.unet.save_config(out / "unet")
@@ -118,7 +121,8 @@ def export_diffusers(item: Exportable, out: str | Path, half: bool = False, prog
              "scheduler": ["diffusers", "PNDMScheduler"], "unet": ["diffusers", "UNet2DConditionModel"]}
     index.update(model.first_stage_model.write_diffusers(out))
     index.update(model.cond_stage_model.write_diffusers(out))
-    (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
+    index = {k: v for k, v in sorted(index.items()) if v is not None}  # None: a setting this pipeline lacks
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     write_scheduler_config(model.sampler_config, out / "scheduler", diffusers.__version__)
     record = {**item.info, "dtype": "float16" if half else "float32"}
     (out / INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")

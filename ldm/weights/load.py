@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARCHITECTURES = ROOT / "configs" / "architectures"
 SD_V1_CONFIG = ARCHITECTURES / "sd-v1.yaml"
 VARIATIONS_CONFIG = ARCHITECTURES / "sd-v1-image-variations.yaml"  # SD v1 with CLIP ViT-L/14's image tower
+SDXL_CONFIG = ARCHITECTURES / "sdxl.yaml"
 
 
 def model_description(model) -> str:
@@ -25,6 +26,8 @@ def model_description(model) -> str:
     cond = model.cond_stage_model
     if cond.kind == "image":
         return f"an image-variations model ({cond.description()}, {ctx}-d context)"
+    if "text_encoder_2" in cond.lora_modules():
+        return f"{'SDXL' if ctx == 2048 else 'SDXL-shaped'} ({cond.description()}, {ctx}-d context)"
     encoder = cond.description().split()[0]  # CLIP or OpenCLIP
     name = {(768, "CLIP"): "SD v1", (1024, "OpenCLIP"): "SD 2.x"}.get((ctx, encoder)) or \
         ("SD-v1-shaped" if encoder == "CLIP" else "SD-2-shaped")
@@ -80,6 +83,8 @@ def _load(model, src: Source, ema: bool, assign: bool = False) -> tuple[str, lis
     ``assign`` makes the model use the source's tensors (memory-mapped from the file) instead of copying them
     into its freshly initialised ones: half the peak memory when a full-size model is built just to be loaded.
     """
+    if src.kind == "original" and src.description.startswith("SDXL") != model_description(model).startswith("SDXL"):
+        raise ConfigError(f"{str(src.path)!r} is {src.description}; expected {model_description(model)}")
     state, n_ema = project_state(model, src, ema)
     own = model.state_dict()
     state = _onto_lora_layers(state, own)
@@ -149,7 +154,7 @@ def resolve_config(src: Source, config=None) -> tuple[dict, str]:
         return copy.deepcopy(src.config), f"the config stored in {src.path.name}"
     if src.kind == "diffusers":
         return model_config_from_folder(src.path), f"{src.path}'s json configs"
-    for name, known in (("SD v1 ", SD_V1_CONFIG), ("SD image variations ", VARIATIONS_CONFIG)):
+    for name, known in (("SD v1 ", SD_V1_CONFIG), ("SD image variations ", VARIATIONS_CONFIG), ("SDXL ", SDXL_CONFIG)):
         if src.description.startswith(name):
             return _model_section(known), f"{known.relative_to(ROOT)} (detected {src.description})"
     raise ConfigError(f"{str(src.path)!r} is {src.description} and holds no architecture: pass a config "

@@ -21,8 +21,11 @@ from ldm.weights import clip_visual
 UNET, VAE, CLIP, OPENCLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", \
     "cond_stage_model.model."
 VISUAL = OPENCLIP + "visual."  # image variations: the whole OpenAI CLIP model sits under cond_stage_model.model.
+# SDXL's GeneralConditioner: CLIP ViT-L in transformers' layout, OpenCLIP bigG (with text_projection) in its own.
+XL_CLIP, XL_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 # Where each layout a model part names (``WeightComponent.original``) sits in an original file.
-ORIGINAL_PREFIX = {"unet": UNET, "vae": VAE, "clip_text": CLIP, "open_clip_text": OPENCLIP, "clip_visual": VISUAL}
+ORIGINAL_PREFIX = {"unet": UNET, "vae": VAE, "clip_text": CLIP, "open_clip_text": OPENCLIP, "clip_visual": VISUAL,
+                   "sdxl_clip_text": XL_CLIP, "sdxl_open_clip_text": XL_OPENCLIP}
 
 
 # ---- what a file is ---------------------------------------------------------------------------------------
@@ -35,7 +38,11 @@ def describe(state: dict) -> str:
     """A short name for what ``state`` holds, from its keys and shapes (e.g. 'SD 2.x (OpenCLIP ..., 1024-d context)')."""
     keys = list(state)
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "SDXL (two text encoders under conditioner.embedders.*)"
+        if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+            return "an SDXL refiner (one OpenCLIP text encoder under conditioner.embedders.0.model.*)"
+        ctx = _context_dim(state, UNET)
+        name = "SDXL" if ctx == 2048 else "SDXL-shaped"
+        return f"{name} (CLIP + OpenCLIP text encoders{f', {ctx}-d context' if ctx else ''})"
     loras = [k for k in keys if "lora" in k.lower()]
     if loras:
         return f"a LoRA ({len(loras)} low-rank adapter tensors like {loras[0]!r}), not a full model"
@@ -89,12 +96,15 @@ def _convert_component(state: dict, row) -> dict[str, torch.Tensor]:
         return sfu.convert_ldm_vae_checkpoint(state, dict(row.module.config))
     if layout == "clip_visual":
         return clip_visual.openai_to_hf({k[len(VISUAL):]: v for k, v in state.items() if k.startswith(VISUAL)})
+    if layout == "sdxl_open_clip_text":  # all of bigG's blocks run (its pooled output is the last block's)
+        return sfu.convert_open_clip_checkpoint(row.module, state, prefix=XL_OPENCLIP)
     if layout == "open_clip_text":
         layers = row.module.config.num_hidden_layers
         keep = {k: v for k, v in state.items() if not _block_at_or_after(k, layers)}
         text = sfu.convert_open_clip_checkpoint(row.module, keep, prefix=OPENCLIP)
-    elif layout == "clip_text":
-        text = sfu.convert_ldm_clip_checkpoint(state)
+    elif layout in ("clip_text", "sdxl_clip_text"):
+        prefix = ORIGINAL_PREFIX[layout]
+        text = sfu.convert_ldm_clip_checkpoint({k: v for k, v in state.items() if k.startswith(prefix)})
     else:
         raise ConfigError(f"no original single-file layout {layout!r} (known: {', '.join(ORIGINAL_PREFIX)})")
     # position_ids is a buffer transformers rebuilds; older files carry it, the model has no place for it.
@@ -132,7 +142,8 @@ def _block_at_or_after(key: str, layers: int) -> bool:
 
 # ---- project → original (own mapping) ---------------------------------------------------------------------
 UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's vector
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 VAE_FIXED = {"conv_norm_out": "norm_out"}
@@ -165,7 +176,7 @@ def _unet_key(key: str, per_block: int, up_attn: set[int]) -> str:
         if kind == "attentions":
             return f"middle_block.1.{tail}"
         return f"middle_block.{2 * int(j)}.{_resnet_tail(tail)}"
-    raise ConfigError(f"no original-layout name for UNet tensor {key!r} (only SD v1/v2-style UNets export)")
+    raise ConfigError(f"no original-layout name for UNet tensor {key!r} (only SD v1/v2 and SDXL-style UNets export)")
 
 
 def _resnet_tail(tail: str) -> str:
@@ -189,23 +200,28 @@ def _vae_key(key: str, n_up: int) -> str:
     return f"{part}.{VAE_FIXED.get(head, head)}.{tail}" if tail else key
 
 
-def _openclip(text: dict) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModel keys → OpenCLIP's (q/k/v projections fused into ``in_proj``)."""
+def _openclip(text: dict, prefix: str = OPENCLIP) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModel keys → OpenCLIP's (q/k/v projections fused into ``in_proj``); SDXL's bigG
+    (``CLIPTextModelWithProjection``: keys under ``text_model.``) also has ``text_projection``, stored transposed
+    as OpenCLIP multiplies by it from the right."""
     fixed = {"embeddings.token_embedding.weight": "token_embedding.weight",
              "embeddings.position_embedding.weight": "positional_embedding",
              "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
     parts = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
              "self_attn.out_proj": "attn.out_proj"}
     out = {}
+    if "text_projection.weight" in text:
+        out[prefix + "text_projection"] = text["text_projection.weight"].T.contiguous()
+    text = {k.removeprefix("text_model."): v for k, v in text.items() if k != "text_projection.weight"}
     for key, value in text.items():
         if key in fixed:
-            out[OPENCLIP + fixed[key]] = value
+            out[prefix + fixed[key]] = value
             continue
         m = re.match(r"encoder\.layers\.(\d+)\.(.*)\.(weight|bias)$", key)
         if not m:
             raise ConfigError(f"no OpenCLIP name for text encoder tensor {key!r}")
         i, name, kind = m.groups()
-        block = f"{OPENCLIP}transformer.resblocks.{i}."
+        block = f"{prefix}transformer.resblocks.{i}."
         if name.startswith("self_attn.") and name[-6:] in ("q_proj", "k_proj", "v_proj"):
             if name.endswith("q_proj"):
                 qkv = [text[f"encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
@@ -239,12 +255,13 @@ def _to_original(part: dict, layout: str) -> dict[str, torch.Tensor]:
         return out
     if layout == "clip_visual":
         return {VISUAL + k: v for k, v in clip_visual.hf_to_openai(part).items()}
-    if layout == "open_clip_text":
-        return _openclip(part)
-    if layout == "clip_text":
-        out = {CLIP + "text_model." + k: v for k, v in part.items()}
+    if layout in ("open_clip_text", "sdxl_open_clip_text"):
+        return _openclip(part, ORIGINAL_PREFIX[layout])
+    if layout in ("clip_text", "sdxl_clip_text"):
+        prefix = ORIGINAL_PREFIX[layout]
+        out = {prefix + "text_model." + k: v for k, v in part.items()}
         positions = part["embeddings.position_embedding.weight"].shape[0]
         # Older loaders (transformers 4, A1111) expect this buffer in the file.
-        out[CLIP + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+        out[prefix + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
         return out
     raise ConfigError(f"no original single-file layout {layout!r} (known: {', '.join(ORIGINAL_PREFIX)})")

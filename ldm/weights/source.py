@@ -60,9 +60,9 @@ def open_weights(path: str | Path) -> Source:
         return Source(path, "training", tensors_only(obj, path), config, obj.get("global_step"), metadata)
     state = tensors_only(obj, path)
     found = describe(state)
-    if found.startswith(("SDXL", "a LoRA", "not a Stable")):
-        raise ConfigError(f"{str(path)!r} is {found}; expected a Stable Diffusion v1/2.x model (original single "
-                          "file, diffusers folder or a checkpoint of this project)")
+    if found.startswith(("an SDXL refiner", "a LoRA", "not a Stable")):
+        raise ConfigError(f"{str(path)!r} is {found}; expected a Stable Diffusion v1/2.x or SDXL base model "
+                          "(original single file, diffusers folder or a checkpoint of this project)")
     config = json.loads(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else None
     step = int(metadata["sd_finetune.step"]) if metadata.get("sd_finetune.step", "").isdigit() else None
     kind = "original" if is_original(state) else "project"
@@ -114,12 +114,23 @@ def _image_conditioner(folder: Path) -> dict:
     return {"target": "ldm.models.conditioners.CLIPImageConditioner", "params": params}
 
 
-def _pad_token(folder: Path) -> str:
+def _pad_token(folder: Path, tokenizer: str = "tokenizer") -> str:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        pad = _json(folder / "tokenizer", name, required=False).get("pad_token")
+        pad = _json(folder / tokenizer, name, required=False).get("pad_token")
         if pad:
             return pad["content"] if isinstance(pad, dict) else pad
     return "<|endoftext|>"
+
+
+def _sdxl_conditioner(folder: Path) -> dict:
+    """An SDXL folder's two text encoders and tokenizers (the OpenCLIP one pads with ``!`` there)."""
+    params = {}
+    for suffix in ("", "_2"):
+        text = _json(folder, f"text_encoder{suffix}/config.json")
+        params[f"config{suffix}"] = {k: text[k] for k in TEXT_KEYS if k in text}
+        if (folder / f"tokenizer{suffix}").is_dir():
+            params[f"tokenizer{suffix}"] = str(folder / f"tokenizer{suffix}")
+    return {"target": "ldm.models.sdxl.SDXLTextConditioner", "params": params}
 
 
 def model_config_from_folder(folder: str | Path) -> dict:
@@ -135,6 +146,8 @@ def model_config_from_folder(folder: str | Path) -> dict:
     sched = _json(folder, "scheduler/scheduler_config.json", required=False)
     if (folder / "image_encoder").is_dir() and not (folder / "text_encoder").is_dir():
         cond_config, cond_key = _image_conditioner(folder), "image"
+    elif (folder / "text_encoder_2").is_dir():
+        cond_config, cond_key = _sdxl_conditioner(folder), "caption"
     else:
         text = _json(folder, "text_encoder/config.json")
         cond = {"config": {k: text[k] for k in TEXT_KEYS if k in text}, "pad_token": _pad_token(folder)}

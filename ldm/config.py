@@ -275,6 +275,8 @@ def _check_required(params: dict, target: Any, path: str) -> None:
     except (TypeError, ValueError):
         return
     for name, p in signature.parameters.items():
+        if name == "params" and path.endswith("optimizer_config.params"):
+            continue  # an optimizer's first argument: the model hands it the weights to train (ldm.optim)
         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in params:
             raise ConfigError(f"{path}.{name} is required by {getattr(target, '__name__', target)} and not set")
 

@@ -147,6 +147,9 @@ class RandomCaptioned(ImageCaptionDataset):
     def caption_of(self, i: int) -> str:
         return self.captions[i]
 
+    def named_captions(self):  # for the DataModule's long-caption check
+        return ((self.identity(i), caption) for i, caption in enumerate(self.captions))
+
     def picture(self, i: int, target=None, transform=None) -> dict:
         return {"image": self.images[i]}
 

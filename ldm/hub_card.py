@@ -52,8 +52,13 @@ def write_model_card(out: Path, name: str, item, settings: dict, written: dict, 
     pretrained = _get(settings, "model.params.pretrained")
     repo, license_ = base_model(pretrained)
     instance = _get(settings, "data.params.train.params.instance_prompt")
+    from ldm.lora_files import is_sdxl
+
     lora = "lora (kohya)" in written
+    sdxl = is_sdxl(item.model)
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "sd-finetune"]
+    tags += ["stable-diffusion-xl"] if sdxl else []
     tags += (["lora"] if lora else []) + (["dreambooth"] if instance else [])
     data = ModelCardData(base_model=repo, license=license_, tags=tags, library_name="diffusers",
                          pipeline_tag="text-to-image", instance_prompt=instance)
@@ -67,8 +72,8 @@ def write_model_card(out: Path, name: str, item, settings: dict, written: dict, 
              f"Fine-tuned from {origin} with this project (CompVis-style Stable Diffusion fine-tuning).", ""]
     if instance:
         lines += [f"Trigger: the instance prompt **`{instance}`**.", ""]
-    lines += ["## Use it", "", "```python", "import torch", "from diffusers import StableDiffusionPipeline", "",
-              'pipe = StableDiffusionPipeline.from_pretrained("<this repo>", variant="fp16", torch_dtype=torch.float16)',
+    lines += ["## Use it", "", "```python", "import torch", f"from diffusers import {pipeline}", "",
+              f'pipe = {pipeline}.from_pretrained("<this repo>", variant="fp16", torch_dtype=torch.float16)',
               f'image = pipe("{prompt}").images[0]', "```", "",
               "| file | what |", "|---|---|", "| `model_index.json`, `unet/`, `vae/`, `text_encoder/`, … | "
               "diffusers pipeline, fp32 (and `*.fp16.safetensors`: `variant=\"fp16\"`) |", *files, ""]

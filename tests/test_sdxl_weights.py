@@ -245,3 +245,16 @@ def test_dreambooth_lora_recipe_runs_and_saves_an_adapter_the_pipeline_loads(sdx
     pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder))
     pipe.load_lora_weights(str(run / "lora"))
     assert theirs(pipe).shape == (1, 3, H, W)
+
+
+def test_the_hub_folder_of_an_sdxl_model_loads_in_fp16_and_its_card_names_the_sdxl_pipeline(sdxl_folder, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm.hub import export_hub
+
+    out = tmp_path / "hub"
+    written = export_hub(sdxl_folder, out, progress=False)
+    card = written["model card"].read_text()
+    assert "from diffusers import StableDiffusionXLPipeline" in card and "stable-diffusion-xl" in card
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16 and pipe.text_encoder_2 is not None

@@ -5,7 +5,6 @@ import difflib
 import inspect
 import os
 import signal
-import sys
 from pathlib import Path
 
 import torch
@@ -128,7 +127,7 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
     from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
     from ldm.callbacks.checkpoint_io import AtomicCheckpointIO, remove_partial_writes
-    from ldm.callbacks.rank_watch import is_lost_peer, lost_rank_line, watched_report
+    from ldm.callbacks.rank_watch import LAUNCHED_BY, is_lost_peer, lost_rank_line, say_once, watched_report
     from ldm.weights import load_weights
 
     lightning_config = to_container(config.pop("lightning", None)) or {}  # from here on, plain dicts
@@ -167,6 +166,8 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
         if resume_ckpt is not None:
             for name, size in remove_partial_writes(logdir / "checkpoints"):
                 print(f"removed {name} ({size / 2**20:.1f} MiB), a checkpoint write a killed process left unfinished")
+    if "LOCAL_RANK" not in os.environ:  # this process starts the other ranks, if any (ldm.callbacks.rank_watch)
+        os.environ[LAUNCHED_BY] = str(os.getpid())
     if args.train:
         try:
             trainer.fit(model, data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
@@ -182,8 +183,8 @@ def train(config: DictConfig, args, logdir: Path, now: str, resume_ckpt: Path | 
             if trainer.world_size > 1 and is_lost_peer(err):  # a DDP process died: one line, not a traceback
                 if watched_report(trainer) is None:  # rank 0's RankWatch names the rank when it can
                     reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                    print(lost_rank_line(trainer, f"rank {trainer.global_rank} lost the other processes ({reason})"),
-                          file=sys.stderr, flush=True)
+                    say_once(trainer, lost_rank_line(trainer, f"rank {trainer.global_rank} lost the other processes "
+                                                              f"({reason})"))
                 return 1
             raise
     if not args.no_test and "test" in getattr(data, "datasets", {}) and not trainer.interrupted:

@@ -4,8 +4,9 @@ run that was never stopped, so its final weights are bit-identical (on the CPU).
 Four main.py runs of the tiny model on four photos with random crops and flips, 10% caption dropout and EMA
 (batch 2, 2 repeats: 4 steps an epoch, 8 steps in all): straight through (with 2 data-loading workers); stopped by
 ``max_steps`` in the middle of the first epoch and resumed with ``-r``; resumed from the checkpoint written at the end
-of the first epoch (Lightning's end-of-epoch hooks); resumed from a periodic mid-epoch checkpoint
-(``every_n_train_steps``). Each step's images, captions and loss are logged (``tests.ddp_probe.BatchLog``).
+of the first epoch (Lightning's end-of-epoch hooks), as a step-limited and as an epoch-limited run with 2 workers;
+resumed from periodic checkpoints (``every_n_train_steps: 2``) in the middle and after the last step of the first
+epoch. Each step's images, captions and loss are logged (``tests.ddp_probe.BatchLog``).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def runs(tmp_path_factory, image_folder) -> dict[str, tuple[Path, Path]]:
                               trainer={"max_steps": STEPS},
                               callbacks={"checkpoint_steps": {"target": "pytorch_lightning.callbacks.ModelCheckpoint",
                                                               "params": {"dirpath": None, "filename": "{step:03}",
-                                                                         "every_n_train_steps": 3,
+                                                                         "every_n_train_steps": 2,
                                                                          "save_top_k": -1}}})
     spec = yaml.safe_load(config.read_text())
     spec["data"]["params"]["train"]["params"]["image_transforms"] = [
@@ -67,23 +68,30 @@ def runs(tmp_path_factory, image_folder) -> dict[str, tuple[Path, Path]]:
         straight, (stopped, stopped_log) = straight.result(), stopped.result()
     resumed = {"max_steps": (stopped, stopped_log)}
     # The same first half as the straight run, continued from two of its checkpoints.
-    for name, ckpt in (("epoch_end", "epoch=000000.ckpt"), ("periodic", "step=003.ckpt")):
+    for name, ckpt in (("epoch_end", "epoch=000000.ckpt"), ("periodic", "step=002.ckpt"),
+                       ("periodic_last_batch", "step=004.ckpt"), ("epochs_workers", "epoch=000000.ckpt")):
         run = Path(shutil.copytree(straight[0], tmp / name / straight[0].name))
         done = int(weights(run, ckpt)["global_step"])
         log = tmp / f"{name}.jsonl"
         log.write_text("".join(json.dumps(s) + "\n" for s in steps(straight[1]) if s["step"] <= done))
         (run / "checkpoints" / "last.ckpt").unlink()
         resumed[name] = (run, log, ckpt)
+    # An epoch-based run (no max_steps) with workers: Lightning loads no loader state after an end-of-epoch
+    # checkpoint and its workers read the order before set_epoch.
+    # A checkpoint after an epoch's last step, in an epoch-limited run: Lightning restarts it at the next epoch.
+    by_epoch = ["lightning.trainer.max_steps=-1", "+lightning.trainer.max_epochs=2"]
+    epochs = {"epochs_workers": [*by_epoch, "data.params.num_workers=2"], "periodic_last_batch": by_epoch}
     with ThreadPoolExecutor(2) as pool:
         jobs = [pool.submit(main_py, "-r", stopped, f"lightning.trainer.max_steps={STEPS}")]
-        jobs += [pool.submit(main_py, "-r", run / "checkpoints" / ckpt, f"lightning.callbacks.batch_log.params.path={log}")
-                 for run, log, ckpt in (resumed["epoch_end"], resumed["periodic"])]
+        jobs += [pool.submit(main_py, "-r", run / "checkpoints" / ckpt, f"lightning.callbacks.batch_log.params.path={log}",
+                             *epochs.get(name, []))
+                 for name, (run, log, ckpt) in [(k, v) for k, v in resumed.items() if k != "max_steps"]]
         for job in jobs:
             assert_ok(job.result())
     return {"straight": straight, **{k: v[:2] for k, v in resumed.items()}}
 
 
-@pytest.mark.parametrize("name", ["max_steps", "epoch_end", "periodic"])
+@pytest.mark.parametrize("name", ["max_steps", "epoch_end", "periodic", "periodic_last_batch", "epochs_workers"])
 def test_a_resumed_run_trains_on_the_same_batches_and_ends_with_the_same_weights(runs, name):
     straight_run, straight_log = runs["straight"]
     run, log = runs[name]

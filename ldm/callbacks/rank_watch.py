@@ -18,8 +18,11 @@ import time
 from typing import Optional
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.callbacks.faults import last_good_checkpoint
+
+LAUNCHED_BY = "SD_FINETUNE_LAUNCHER_PID"  # set by rank 0 for the ranks it starts (ldm.launch)
 
 # What gloo and NCCL say when a peer of a collective is gone.
 LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
@@ -44,18 +47,36 @@ def is_lost_peer(err: BaseException) -> bool:
 
 
 class RankWatch(pl.Callback):
-    """Rank 0 names the first of the processes it launched that dies (see the module docstring)."""
+    """Rank 0 names the first of the processes it launched that dies; a launched rank whose rank 0 is gone stops
+    at once; rank 0 failing on its own (a full disk) takes the ranks it launched with it (see the module docstring)."""
 
     def __init__(self, interval: float = 0.5) -> None:
         super().__init__()
         self.interval = float(interval)
         self.report: Optional[str] = None  # the line, once a rank died
         self._stop = threading.Event()
+        self._lock = threading.Lock()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.world_size < 2:
+            return
         procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
-        if trainer.is_global_zero and procs and stage == "fit":
+        if trainer.is_global_zero and procs:
             threading.Thread(target=self._watch, args=(trainer, list(procs)), daemon=True, name="rank-watch").start()
+        elif os.environ.get(LAUNCHED_BY) == str(os.getppid()):
+            # Launched by rank 0 (ldm.launch marks it): on NCCL a collective would wait for a dead rank 0 until
+            # its timeout, so watch the parent instead.
+            threading.Thread(target=self._watch_parent, args=(trainer, os.getppid()), daemon=True,
+                             name="rank-watch").start()
+
+    def say(self, line: str) -> bool:
+        """Print ``line`` unless a line was printed already; whether this one was."""
+        with self._lock:
+            if self.report is not None:
+                return False
+            self.report = line
+        print(line, file=sys.stderr, flush=True)
+        return True
 
     def _watch(self, trainer: pl.Trainer, procs: list) -> None:
         while not self._stop.wait(self.interval):
@@ -63,11 +84,26 @@ class RankWatch(pl.Callback):
                 code = proc.poll()
                 if code:  # None: running; 0: finished normally
                     rank = trainer.node_rank * trainer.num_devices + local
-                    self.report = lost_rank_line(trainer, f"rank {rank} (pid {proc.pid}) {describe_exit(code)}")
-                    print(self.report, file=sys.stderr, flush=True)
+                    self.say(lost_rank_line(trainer, f"rank {rank} (pid {proc.pid}) {describe_exit(code)}"))
                     return
             if all(p.returncode == 0 for p in procs):
                 return
+
+    def _watch_parent(self, trainer: pl.Trainer, parent: int) -> None:
+        while not self._stop.wait(self.interval):
+            if os.getppid() != parent:
+                if self.say(lost_rank_line(trainer, f"rank {trainer.global_rank} lost the other processes "
+                                                    f"(rank 0, pid {parent}, is gone)")):
+                    os._exit(1)
+                return
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # After SaveOnInterrupt (listed before this): an interrupt stops every rank by itself, and saving needs them.
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if trainer.is_global_zero and getattr(launcher, "procs", None) and \
+                not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            self._stop.set()
+            launcher.kill(signal.SIGKILL)  # they would wait for this rank in their next collective
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop.set()
@@ -88,3 +124,12 @@ def watched_report(trainer: pl.Trainer) -> Optional[str]:
             break
         time.sleep(0.1)
     return next((w.report for w in watches if w.report), None)
+
+
+def say_once(trainer: pl.Trainer, line: str) -> None:
+    """Print ``line`` unless this process's :class:`RankWatch` has printed its own already."""
+    watch = next((cb for cb in trainer.callbacks if isinstance(cb, RankWatch)), None)
+    if watch is None:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        watch.say(line)

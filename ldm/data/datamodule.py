@@ -303,6 +303,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
             world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
             groups = self.groups if self.groups is not None else [0] * len(dataset)
             order = EpochOrder(groups, batch_size, self._seed(), shuffle, world, rank)
+            if trainer is not None:
+                # The epoch a resumed run starts in: Lightning creates the iterator (and workers read the order)
+                # before it calls set_epoch, and after an end-of-epoch checkpoint it loads no loader state.
+                order.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
             # Its own generator: creating the loader's iterator then draws nothing from torch's global one, which
             # the training step's noise comes from (ldm.data.resume).
             return ResumableLoader(SeededItems(dataset), batch_size=batch_size, sampler=order, drop_last=False,

@@ -101,11 +101,21 @@ def train_position(trainer) -> tuple[int, int]:
     how many of its batches have had their optimizer step (all of them in the end-of-epoch hooks: the resumed pass
     is then empty and the next is the next epoch's).
 
-    From Lightning's progress counters: ``epoch_progress.started`` counts epochs begun (the running one included);
-    its ``processed`` is not a guide, as a run stopped by ``max_steps`` mid-epoch counts that epoch processed too."""
+    From Lightning's progress counters, read as its fit loop reads them when it restarts: ``epoch_progress.started``
+    counts epochs begun (the running one included; ``processed`` is no guide, as a ``max_steps`` stop mid-epoch
+    counts that epoch processed too); a checkpoint written after an epoch's last step (``on_train_batch_end``, before
+    the batch counts as completed) restarts at the next epoch. Under gradient accumulation the position goes back to
+    the start of an unfinished accumulation window, whose gradients a checkpoint does not hold."""
     begun = trainer.fit_loop.epoch_progress.current.started
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    return (begun - 1, done) if begun else (0, 0)
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current
+    if not begun:
+        return 0, 0
+    if batches.completed < batches.processed and batches.processed >= trainer.num_training_batches:
+        return begun, 0
+    done = batches.processed
+    if done < trainer.num_training_batches:
+        done -= done % max(1, int(trainer.accumulate_grad_batches))
+    return begun - 1, done
 
 
 class ResumableLoader(DataLoader):

@@ -21,6 +21,7 @@ from pathlib import Path
 from ldm.util import ConfigError, run_cli
 
 RUN_DIR_ENV = "SD_FINETUNE_RUN_DIR"  # shared with DDP worker processes, which re-run this script
+RESUME_ENV = "SD_FINETUNE_RESUME_CKPT"  # the checkpoint rank 0 chose, for the same processes
 
 
 def str2bool(v: str) -> bool:
@@ -82,6 +83,10 @@ def resolve_resume(resume: str) -> tuple[Path, Path, list[Path]]:
     must be one itself."""
     from ldm.callbacks.checkpoint_io import newest_readable, not_resumable_reason
 
+    chosen = os.environ.get(RESUME_ENV)
+    if chosen and os.environ.get("LOCAL_RANK", "0") != "0":
+        # A DDP rank that rank 0 started: rank 0 has read and checked the checkpoint (every byte) already.
+        return Path(chosen).parent.parent, Path(chosen), sorted((Path(chosen).parent.parent / "configs").glob("*.yaml"))
     path = Path(resume)
     if not path.exists():
         raise ConfigError(f"--resume: {resume!r} does not exist (give a run dir under logs/ or a .ckpt in one)")
@@ -121,6 +126,7 @@ def run(argv: list[str]) -> int:
             raise ConfigError("--resume and --finetune_from exclude each other: resume continues a run, "
                               "finetune_from starts a new one from weights")
         logdir, ckpt, saved = resolve_resume(args.resume)
+        os.environ[RESUME_ENV] = str(ckpt)  # for the DDP ranks, which re-run this script
         args.train = True  # a run is resumed to go on training; to only evaluate weights use --finetune_from
         base = saved + [Path(b) for b in args.base]
     else:

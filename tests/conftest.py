@@ -59,7 +59,7 @@ def write_train_yaml(path: Path, root: Path | str | None = None, batch_size: int
 def main_env(**extra: str) -> dict:
     """Environment for a ``main.py`` subprocess: never the Hub, one BLAS thread per process (two test processes
     on a 2-core machine with default threading run ~50x slower), no run dir inherited from the caller."""
-    env = {k: v for k, v in os.environ.items() if k != RUN_DIR_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (RUN_DIR_ENV, "SD_FINETUNE_RESUME_CKPT")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONWARNINGS="ignore::DeprecationWarning", **extra)
     return env

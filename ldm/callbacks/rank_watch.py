@@ -80,14 +80,18 @@ class RankWatch(pl.Callback):
 
     def _watch(self, trainer: pl.Trainer, procs: list) -> None:
         while not self._stop.wait(self.interval):
-            for local, proc in enumerate(procs, start=1):
-                code = proc.poll()
-                if code:  # None: running; 0: finished normally
-                    rank = trainer.node_rank * trainer.num_devices + local
-                    self.say(lost_rank_line(trainer, f"rank {rank} (pid {proc.pid}) {describe_exit(code)}"))
-                    return
-            if all(p.returncode == 0 for p in procs):
+            if self._dead_rank(trainer, procs) or all(p.returncode == 0 for p in procs):
                 return
+
+    def _dead_rank(self, trainer: pl.Trainer, procs: list) -> bool:
+        """Name the first launched rank that has ended with an error or a signal, if any."""
+        for local, proc in enumerate(procs, start=1):
+            code = proc.poll()
+            if code:  # None: running; 0: finished normally
+                rank = trainer.node_rank * trainer.num_devices + local
+                self.say(lost_rank_line(trainer, f"rank {rank} (pid {proc.pid}) {describe_exit(code)}"))
+                return True
+        return False
 
     def _watch_parent(self, trainer: pl.Trainer, parent: int) -> None:
         while not self._stop.wait(self.interval):
@@ -103,6 +107,8 @@ class RankWatch(pl.Callback):
         if trainer.is_global_zero and getattr(launcher, "procs", None) and \
                 not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             self._stop.set()
+            if is_lost_peer(exception):
+                self._dead_rank(trainer, launcher.procs)  # name it now, before the others are killed too
             launcher.kill(signal.SIGKILL)  # they would wait for this rank in their next collective
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
